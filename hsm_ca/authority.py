@@ -1,0 +1,939 @@
+"""The certificate authority service: CAs, issuance, and the home that holds them.
+
+Issuance follows one path for roots, intermediates and leaves:
+
+1. check the request against the profile (no PIN needed, so bad input is
+   refused before the HSM is touched), recording refusals;
+2. draw serials and commit *intent* records;
+3. sign through the engine handle;
+4. commit certificate rows and *issued* records in one transaction;
+5. only then hand certificates back.
+
+A crash between 2 and 4 leaves an intent whose serial is never reused, never
+a certificate without a record.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as _dt
+import hashlib
+import os
+import shutil
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.types import PublicKeyTypes
+from cryptography.x509.oid import AuthorityInformationAccessOID
+
+from hsm_ca.audit import Actor, AuditLog, os_user
+from hsm_ca.config import (
+    DEFAULT_OFFICER,
+    DEFAULT_USER,
+    HomeConfig,
+    PinSource,
+    Pkcs11Settings,
+    render_config,
+)
+from hsm_ca.engine.base import HsmEngine, KeyHandle, KeySpec, validate_key_type
+from hsm_ca.engine.keys import as_private_key, key_type_of
+from hsm_ca.errors import (
+    AlreadyExists,
+    ConfigError,
+    EngineError,
+    HsmCaError,
+    KeyNotFound,
+    LockedOut,
+    LoginFailed,
+    NotFound,
+    PolicyViolation,
+    UsageError,
+)
+from hsm_ca.profiles import Profile, ProfileStore
+from hsm_ca.serials import format_serial, new_serial, parse_serial
+from hsm_ca.store import Store
+from hsm_ca.x509util import cert_pem, rfc3339, sans_as_strings, signature_hash_for, ski_hex
+
+# CA/Browser Forum maximum TLS server certificate validity (ballot SC-081).
+CABF_SCHEDULE: tuple[tuple[_dt.datetime, int], ...] = (
+    (_dt.datetime(2029, 3, 15, tzinfo=_dt.UTC), 47),
+    (_dt.datetime(2027, 3, 15, tzinfo=_dt.UTC), 100),
+    (_dt.datetime(2026, 3, 15, tzinfo=_dt.UTC), 200),
+)
+CABF_BEFORE = 398
+
+
+def cabf_max_days(now: _dt.datetime) -> int:
+    """The BR maximum validity (days) in force at ``now``."""
+    for start, days in CABF_SCHEDULE:
+        if now >= start:
+            return days
+    return CABF_BEFORE
+
+
+def validate_ca_name(name: str) -> str:
+    """CA names appear in URLs and key labels, so keep them to a safe alphabet."""
+    if not name or len(name) > 64 or not all(c.isalnum() or c in "-_." for c in name) \
+            or name.startswith("."):
+        raise UsageError(f"invalid CA name {name!r}: use 1-64 letters, digits, '-', '_' or '.'")
+    return name
+
+
+def _now() -> _dt.datetime:
+    return _dt.datetime.now(_dt.UTC).replace(microsecond=0)
+
+
+@dataclass(frozen=True)
+class CaRecord:
+    """A CA as stored: its certificate and the label of its HSM key."""
+
+    name: str
+    parent: str | None
+    key_label: str
+    key_type: str
+    certificate: x509.Certificate
+    path_length: int | None
+    crl_number: int
+
+    @property
+    def subject(self) -> x509.Name:
+        return self.certificate.subject
+
+    @property
+    def not_after(self) -> _dt.datetime:
+        return self.certificate.not_valid_after_utc
+
+    @property
+    def serial(self) -> str:
+        return format_serial(self.certificate.serial_number)
+
+    def as_dict(self) -> dict[str, Any]:
+        c = self.certificate
+        return {
+            "name": self.name,
+            "parent": self.parent,
+            "subject": c.subject.rfc4514_string(),
+            "key_type": self.key_type,
+            "key_label": self.key_label,
+            "serial": self.serial,
+            "not_before": rfc3339(c.not_valid_before_utc),
+            "not_after": rfc3339(c.not_valid_after_utc),
+            "path_length": self.path_length,
+            "ski": ski_hex(c),
+        }
+
+
+@dataclass(frozen=True)
+class IssuedCertificate:
+    """What issuance returns once the certificate is durable and audited."""
+
+    certificate: x509.Certificate
+    ca: str
+    profile: str
+    chain: tuple[x509.Certificate, ...] = ()
+    source: str | None = None
+
+    @property
+    def serial(self) -> str:
+        return format_serial(self.certificate.serial_number)
+
+    @property
+    def pem(self) -> str:
+        return cert_pem(self.certificate)
+
+    def as_dict(self) -> dict[str, Any]:
+        c = self.certificate
+        return {
+            "serial": self.serial,
+            "subject": c.subject.rfc4514_string(),
+            "issuer": c.issuer.rfc4514_string(),
+            "not_before": rfc3339(c.not_valid_before_utc),
+            "not_after": rfc3339(c.not_valid_after_utc),
+            "profile": self.profile,
+            "ca": self.ca,
+            "sans": sans_as_strings(c),
+        }
+
+
+@dataclass(frozen=True)
+class Refusal:
+    """A request refused in a batch (others went on)."""
+
+    source: str
+    error: HsmCaError
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"source": self.source, "error": str(self.error), "refused": True}
+
+
+@dataclass
+class _Draft:
+    """A checked request waiting for a serial and a signature."""
+
+    profile: Profile
+    subject: x509.Name
+    public_key: PublicKeyTypes
+    sans: tuple[x509.GeneralName, ...]
+    not_before: _dt.datetime
+    not_after: _dt.datetime
+    csr_sha256: str | None
+    key_type: str
+    path_length: int | None = None
+    source: str | None = None
+    serial: int = 0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def _ca_from_row(row: dict[str, Any]) -> CaRecord:
+    cert = x509.load_pem_x509_certificate(row["pem"].encode())
+    return CaRecord(
+        name=row["name"],
+        parent=row["parent"],
+        key_label=row["key_label"],
+        key_type=row["key_type"],
+        certificate=cert,
+        path_length=row["path_length"],
+        crl_number=row["crl_number"] or 0,
+    )
+
+
+class Authority:
+    """One CA home: config, database, audit trail, profiles and the HSM engine.
+
+    The engine is opened and logged in lazily, on the first operation that
+    needs a key, so listing and refusing never ask for a PIN.
+    """
+
+    def __init__(
+        self,
+        config: HomeConfig,
+        *,
+        pin: PinSource | None = None,
+        engine_factory: Callable[[HomeConfig], HsmEngine] | None = None,
+    ) -> None:
+        self.config = config
+        self.store = Store(config.db_path)
+        self.audit = AuditLog(self.store)
+        self.profiles = ProfileStore(config.profiles_path)
+        self._pin = pin
+        self._engine_factory = engine_factory or open_engine
+        self._engine: HsmEngine | None = None
+        self._logged_in = False
+        self._ca_cache: dict[str, CaRecord] = {}
+
+    # ----------------------------------------------------------- lifecycle
+    @classmethod
+    def initialize(
+        cls,
+        home: Path,
+        *,
+        engine: str = "soft",
+        user_pin: str,
+        officer_pin: str | None = None,
+        base_url: str | None = None,
+        user: str = DEFAULT_USER,
+        officer: str = DEFAULT_OFFICER,
+        scrypt_n: int | None = None,
+        pkcs11: Pkcs11Settings | None = None,
+    ) -> Authority:
+        """Create a new home; refuses, changing nothing, if one is there already."""
+        home = Path(home)
+        existed = home.exists()
+        if existed:
+            if not home.is_dir():
+                raise ConfigError(f"{home} exists and is not a directory")
+            if any(home.iterdir()):
+                raise AlreadyExists(
+                    f"{home} already exists and is not empty; refusing to initialise over it"
+                )
+        cfg = HomeConfig(
+            home=home, engine=engine, base_url=base_url, user=user, officer=officer,
+            pkcs11=pkcs11,
+        )
+        try:
+            home.mkdir(parents=True, exist_ok=True, mode=0o700)
+            os.chmod(home, 0o700)
+            if engine == "soft":
+                from hsm_ca.engine.soft import DEFAULT_SCRYPT_N, SoftEngine
+
+                if officer_pin is None:
+                    raise ConfigError("the built-in engine needs a crypto-officer PIN too")
+                SoftEngine.create(
+                    cfg.hsm_path, officer=officer, officer_pin=officer_pin, user=user,
+                    user_pin=user_pin, scrypt_n=scrypt_n or DEFAULT_SCRYPT_N,
+                )
+            elif engine == "pkcs11":
+                if pkcs11 is None:
+                    raise UsageError("--engine pkcs11 needs --pkcs11-module")
+                probe = open_engine(cfg)
+                try:
+                    probe.login(user, user_pin)
+                finally:
+                    probe.close()
+            else:
+                raise UsageError(f"unknown engine {engine!r}; choose soft or pkcs11")
+            fd = os.open(cfg.config_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "w", encoding="utf-8") as fh:
+                fh.write(render_config(cfg))
+            Store(cfg.db_path, create=True).close()
+            authority = cls(cfg, pin=lambda: user_pin)
+            authority.audit.append(
+                authority.actor(), "init", "ok", detail=f"engine={engine}"
+            )
+            return authority
+        except BaseException:
+            if existed:
+                for child in home.iterdir():
+                    if child.is_dir():
+                        shutil.rmtree(child, ignore_errors=True)
+                    else:
+                        child.unlink(missing_ok=True)
+            else:
+                shutil.rmtree(home, ignore_errors=True)
+            raise
+
+    def close(self) -> None:
+        if self._engine is not None:
+            self._engine.close()
+            self._engine = None
+        self.store.close()
+
+    def __enter__(self) -> Authority:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def actor(self) -> Actor:
+        return Actor(os_user(), self.config.user)
+
+    # -------------------------------------------------------------- engine
+    def engine(self, *, login: bool = True) -> HsmEngine:
+        """The engine, logged in as the configured crypto user on first need."""
+        if self._engine is None:
+            self._engine = self._engine_factory(self.config)
+        if login and not self._logged_in:
+            if self._pin is None:
+                raise ConfigError("this operation needs the crypto-user PIN")
+            pin = self._pin()
+            try:
+                self._engine.login(self.config.user, pin)
+            except (LoginFailed, LockedOut) as e:
+                self.audit.append(
+                    self.actor(), "login", "locked" if isinstance(e, LockedOut) else "failed",
+                    detail=str(e),
+                )
+                raise
+            self._logged_in = True
+            self.audit.append(self.actor(), "login", "ok")
+        return self._engine
+
+    def list_keys(self) -> list[dict[str, Any]]:
+        engine = self.engine(login=False)
+        lister = getattr(engine, "list_keys_public", None) or engine.list_keys
+        try:
+            keys = lister()
+        except EngineError:
+            keys = self.engine().list_keys()
+        used: dict[str, list[str]] = {}
+        for ca in self.store.list_cas():
+            used.setdefault(ca["key_label"], []).append(f"ca:{ca['name']}")
+        return [
+            {
+                "label": k.label,
+                "key_type": k.key_type,
+                "extractable": bool(k.extractable),
+                "used_by": ", ".join(used.get(k.label, [])) or None,
+            }
+            for k in keys
+        ]
+
+    # ------------------------------------------------------------------ CAs
+    def get_ca(self, name: str) -> CaRecord:
+        cached = self._ca_cache.get(name)
+        if cached is not None:
+            return cached
+        row = self.store.get_ca(name)
+        if row is None:
+            known = [r["name"] for r in self.store.list_cas()]
+            hint = f"; known CAs: {', '.join(known)}" if known else "; create one with 'hsm-ca ca create-root'"
+            raise NotFound(f"unknown CA {name!r}{hint}")
+        record = _ca_from_row(row)
+        self._ca_cache[name] = record
+        return record
+
+    def list_cas(self) -> list[CaRecord]:
+        return [_ca_from_row(r) for r in self.store.list_cas()]
+
+    def chain(self, name: str, *, include_root: bool = True) -> list[x509.Certificate]:
+        """The CA's certificate followed by its issuers up to the root."""
+        out: list[x509.Certificate] = []
+        seen: set[str] = set()
+        current: str | None = name
+        while current is not None and current not in seen:
+            seen.add(current)
+            ca = self.get_ca(current)
+            if ca.parent is None and not include_root:
+                break
+            out.append(ca.certificate)
+            current = ca.parent
+        return out
+
+    def ca(self, name: str) -> CertificateAuthority:
+        return CertificateAuthority(self, self.get_ca(name))
+
+    def create_root(
+        self,
+        name: str,
+        subject: x509.Name,
+        *,
+        key_type: str = "ec-p384",
+        days: int | None = None,
+        path_length: int | None = None,
+    ) -> CaRecord:
+        return self._create_ca(name, subject, key_type, days, path_length, parent=None)
+
+    def create_intermediate(
+        self,
+        name: str,
+        parent: str,
+        subject: x509.Name,
+        *,
+        key_type: str = "ec-p256",
+        days: int | None = None,
+        path_length: int | None = None,
+    ) -> CaRecord:
+        return self._create_ca(name, subject, key_type, days, path_length, parent=parent)
+
+    def _create_ca(
+        self,
+        name: str,
+        subject: x509.Name,
+        key_type: str,
+        days: int | None,
+        path_length: int | None,
+        parent: str | None,
+    ) -> CaRecord:
+        validate_ca_name(name)
+        validate_key_type(key_type)
+        profile_name = "root-ca" if parent is None else "intermediate-ca"
+        actor = self.actor()
+        try:
+            if self.store.get_ca(name) is not None:
+                raise AlreadyExists(f"a CA named {name!r} already exists")
+            if not len(subject):
+                raise UsageError("the CA subject must not be empty")
+            profile = self.profiles.get(profile_name)
+            if key_type not in profile.key_types:
+                raise PolicyViolation(
+                    f"key type {key_type} is not allowed by profile {profile_name}"
+                )
+            if path_length is not None and path_length < 0:
+                raise UsageError("--path-length must be 0 or more")
+            issuer = self.get_ca(parent) if parent is not None else None
+            if issuer is not None:
+                path_length = self._child_path_length(issuer, path_length)
+            now = _now()
+            not_before, not_after = _validity(profile, days, now, issuer)
+        except HsmCaError as e:
+            self.audit.append(
+                actor, "issue", "refused", ca=parent or name, profile=profile_name,
+                subject=subject.rfc4514_string(), detail=f"create CA {name!r}: {e}",
+            )
+            raise
+        label = f"ca-{name}"
+        handle = self._new_key(label, key_type, actor)
+        draft = _Draft(
+            profile=profile, subject=subject, public_key=handle.public_key(), sans=(),
+            not_before=not_before, not_after=not_after, csr_sha256=None, key_type=key_type,
+            path_length=path_length, source=name,
+        )
+        signer = CertificateAuthority(self, issuer) if issuer is not None else None
+        if signer is None:
+            cert = self._issue_batch(
+                [draft], ca_name=name, issuer_name=subject, issuer_handle=handle,
+                issuer_key_type=key_type, issuer_cert=None, new_ca=(name, None, label, key_type),
+            )[0]
+        else:
+            cert = self._issue_batch(
+                [draft], ca_name=issuer.name, issuer_name=issuer.subject,
+                issuer_handle=signer.key_handle(), issuer_key_type=issuer.key_type,
+                issuer_cert=issuer.certificate, new_ca=(name, parent, label, key_type),
+            )[0]
+        if isinstance(cert, Refusal):
+            raise cert.error
+        return self.get_ca(name)
+
+    @staticmethod
+    def _child_path_length(issuer: CaRecord, requested: int | None) -> int | None:
+        if issuer.path_length is None:
+            return requested
+        if issuer.path_length == 0:
+            raise PolicyViolation(
+                f"CA {issuer.name!r} has path length 0 and cannot certify another CA"
+            )
+        if requested is None:
+            return issuer.path_length - 1
+        if requested > issuer.path_length - 1:
+            raise PolicyViolation(
+                f"--path-length {requested} exceeds what CA {issuer.name!r} allows "
+                f"({issuer.path_length - 1})"
+            )
+        return requested
+
+    def _new_key(self, label: str, key_type: str, actor: Actor) -> KeyHandle:
+        """Generate a key, or adopt an orphan of the same type left by an interrupted run."""
+        engine = self.engine()
+        try:
+            existing = engine.get_key(label)
+        except KeyNotFound:
+            existing = None
+        if existing is not None:
+            if self.store.ca_using_key(label) is not None or existing.key_type != key_type:
+                raise AlreadyExists(f"a key labelled {label!r} already exists in the HSM")
+            self.audit.append(
+                actor, "generate-key", "ok", key_label=label,
+                detail=f"{key_type}; adopted unused key left by an interrupted run",
+            )
+            return existing
+        handle = engine.generate_key(KeySpec(key_type=key_type, label=label))
+        self.audit.append(actor, "generate-key", "ok", key_label=label, detail=key_type)
+        return handle
+
+    # -------------------------------------------------------------- issuing
+    def sign_csrs(
+        self,
+        ca_name: str,
+        csrs: Sequence[tuple[str, bytes]],
+        profile_name: str,
+        *,
+        days: int | None = None,
+    ) -> list[IssuedCertificate | Refusal]:
+        """Check and issue several CSRs (``(source, bytes)``) in one batch.
+
+        Refused CSRs are recorded and returned as ``Refusal``; the others are
+        issued with one commit for the intents and one for the certificates.
+        """
+        from hsm_ca.policy import check_request, csr_sha256, load_csr
+
+        actor = self.actor()
+        try:
+            profile = self.profiles.get(profile_name)
+            ca = self.get_ca(ca_name)
+            if profile.name == "root-ca":
+                raise PolicyViolation(
+                    "profile root-ca is for self-signed roots; use 'hsm-ca ca create-root'"
+                )
+            if days is not None and days < 1:
+                raise UsageError("--days must be at least 1")
+            now = _now()
+            if now > ca.not_after:
+                raise PolicyViolation(f"CA {ca_name!r} expired on {rfc3339(ca.not_after)}")
+            path_length = None
+            if profile.is_ca:
+                path_length = self._child_path_length(ca, profile.path_length)
+        except HsmCaError as e:
+            for source, data in csrs:
+                self.audit.append(
+                    actor, "issue", "refused", ca=ca_name, profile=profile_name,
+                    csr_sha256=hashlib.sha256(data).hexdigest(), detail=f"{source}: {e}",
+                )
+            raise
+        results: list[IssuedCertificate | Refusal | None] = []
+        drafts: list[_Draft] = []
+        for source, data in csrs:
+            digest = hashlib.sha256(data).hexdigest()
+            subject_text = None
+            try:
+                csr = load_csr(data, source)
+                digest = csr_sha256(csr)
+                with contextlib.suppress(Exception):
+                    subject_text = csr.subject.rfc4514_string()
+                checked = check_request(csr, profile)
+                nb, na = _validity(profile, days, now, ca)
+                drafts.append(
+                    _Draft(
+                        profile=profile, subject=checked.subject, public_key=checked.public_key,
+                        sans=checked.sans, not_before=nb, not_after=na,
+                        csr_sha256=checked.csr_sha256, key_type=checked.key_type,
+                        path_length=path_length, source=source,
+                    )
+                )
+                results.append(None)
+            except HsmCaError as e:
+                self.audit.append(
+                    actor, "issue", "refused", ca=ca_name, profile=profile_name,
+                    subject=subject_text, csr_sha256=digest, detail=f"{source}: {e}",
+                )
+                results.append(Refusal(source, e))
+        if drafts:
+            signer = CertificateAuthority(self, ca)
+            try:
+                handle = signer.key_handle()
+            except HsmCaError as e:
+                for d in drafts:
+                    self.audit.append(
+                        actor, "issue", "refused", ca=ca_name, profile=profile_name,
+                        csr_sha256=d.csr_sha256, subject=d.subject.rfc4514_string(),
+                        detail=f"{d.source}: {e}",
+                    )
+                raise
+            issued = self._issue_batch(
+                drafts, ca_name=ca.name, issuer_name=ca.subject, issuer_handle=handle,
+                issuer_key_type=ca.key_type, issuer_cert=ca.certificate, new_ca=None,
+            )
+            chain = tuple(self.chain(ca.name, include_root=False))
+            it = iter(issued)
+            for i, r in enumerate(results):
+                if r is None:
+                    item = next(it)
+                    if isinstance(item, IssuedCertificate):
+                        item = IssuedCertificate(
+                            item.certificate, item.ca, item.profile, chain, item.source
+                        )
+                    results[i] = item
+        return [r for r in results if r is not None]
+
+    def _issue_batch(
+        self,
+        drafts: list[_Draft],
+        *,
+        ca_name: str,
+        issuer_name: x509.Name,
+        issuer_handle: KeyHandle,
+        issuer_key_type: str,
+        issuer_cert: x509.Certificate | None,
+        new_ca: tuple[str, str | None, str, str] | None,
+    ) -> list[IssuedCertificate | Refusal]:
+        actor = self.actor()
+        audit = self.audit
+        store = self.store
+        created = rfc3339(_now())
+        # 1. serials and intents, durable before the HSM signs anything
+        with store.transaction():
+            for d in drafts:
+                while True:
+                    d.serial = new_serial()
+                    if store.reserve_serial(format_serial(d.serial), ca_name, created):
+                        break
+                audit.append(
+                    actor, "issue", "intent", ca=ca_name, key_label=issuer_handle.label,
+                    profile=d.profile.name, serial=format_serial(d.serial),
+                    subject=d.subject.rfc4514_string(), csr_sha256=d.csr_sha256,
+                    detail=d.source,
+                )
+        # 2. build and sign through the engine
+        private_key = as_private_key(issuer_handle)
+        hash_alg = signature_hash_for(issuer_key_type)
+        signed: list[x509.Certificate | HsmCaError] = []
+        for d in drafts:
+            try:
+                builder = self._builder(d, ca_name, issuer_name, issuer_handle, issuer_cert)
+                cert = builder.sign(private_key, hash_alg)
+                _check_signature(cert, issuer_handle.public_key())
+                signed.append(cert)
+            except HsmCaError as e:
+                signed.append(e)
+            except (ValueError, TypeError) as e:
+                signed.append(EngineError(f"signing failed: {e}"))
+        # 3. certificate rows and issued records, one transaction
+        results: list[IssuedCertificate | Refusal] = []
+        with store.transaction():
+            for d, cert in zip(drafts, signed, strict=True):
+                serial = format_serial(d.serial)
+                if isinstance(cert, HsmCaError):
+                    store.mark_serial(serial, "failed")
+                    audit.append(
+                        actor, "issue", "failed", ca=ca_name, key_label=issuer_handle.label,
+                        profile=d.profile.name, serial=serial,
+                        subject=d.subject.rfc4514_string(), csr_sha256=d.csr_sha256,
+                        detail=f"{d.source}: {cert}",
+                    )
+                    results.append(Refusal(d.source or serial, cert))
+                    continue
+                der = cert.public_bytes(serialization.Encoding.DER)
+                sha = hashlib.sha256(der).hexdigest()
+                pem = cert_pem(cert)
+                if new_ca is not None:
+                    name, parent, label, key_type = new_ca
+                    store.insert_ca(
+                        {
+                            "name": name,
+                            "parent": parent,
+                            "key_label": label,
+                            "key_type": key_type,
+                            "subject": cert.subject.rfc4514_string(),
+                            "serial": serial,
+                            "ski": ski_hex(cert),
+                            "not_before": rfc3339(cert.not_valid_before_utc),
+                            "not_after": rfc3339(cert.not_valid_after_utc),
+                            "path_length": d.path_length,
+                            "pem": pem,
+                            "created": created,
+                            "crl_number": 0,
+                        }
+                    )
+                store.insert_certificate(
+                    {
+                        "serial": serial,
+                        "ca": ca_name,
+                        "profile": d.profile.name,
+                        "subject": cert.subject.rfc4514_string(),
+                        "sans": sans_as_strings(cert),
+                        "key_type": d.key_type,
+                        "not_before": rfc3339(cert.not_valid_before_utc),
+                        "not_after": rfc3339(cert.not_valid_after_utc),
+                        "sha256": sha,
+                        "csr_sha256": d.csr_sha256,
+                        "pem": pem,
+                        "created": created,
+                        "status": "valid",
+                    }
+                )
+                store.mark_serial(serial, "issued")
+                audit.append(
+                    actor, "issue", "issued", ca=ca_name, key_label=issuer_handle.label,
+                    profile=d.profile.name, serial=serial, subject=cert.subject.rfc4514_string(),
+                    csr_sha256=d.csr_sha256, object_sha256=sha, detail=d.source,
+                )
+                results.append(IssuedCertificate(cert, ca_name, d.profile.name, (), d.source))
+        return results
+
+    def _builder(
+        self,
+        d: _Draft,
+        ca_name: str,
+        issuer_name: x509.Name,
+        issuer_handle: KeyHandle,
+        issuer_cert: x509.Certificate | None,
+    ) -> x509.CertificateBuilder:
+        p = d.profile
+        b = (
+            x509.CertificateBuilder()
+            .subject_name(d.subject)
+            .issuer_name(issuer_name)
+            .public_key(d.public_key)  # type: ignore[arg-type]
+            .serial_number(d.serial)
+            .not_valid_before(d.not_before)
+            .not_valid_after(d.not_after)
+        )
+        b = b.add_extension(
+            x509.BasicConstraints(ca=p.is_ca, path_length=d.path_length if p.is_ca else None),
+            critical=True,
+        )
+        ku = set(p.key_usage)
+        if d.key_type.startswith("ec-") or d.key_type == "ed25519":
+            ku.discard("key_encipherment")
+            ku.discard("data_encipherment")
+        if d.key_type == "ed25519" or d.key_type.startswith("rsa-"):
+            ku.discard("key_agreement")
+        b = b.add_extension(
+            x509.KeyUsage(
+                digital_signature="digital_signature" in ku,
+                content_commitment="content_commitment" in ku,
+                key_encipherment="key_encipherment" in ku,
+                data_encipherment="data_encipherment" in ku,
+                key_agreement="key_agreement" in ku,
+                key_cert_sign="key_cert_sign" in ku,
+                crl_sign="crl_sign" in ku,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
+        if p.extended_key_usage:
+            b = b.add_extension(
+                x509.ExtendedKeyUsage([x509.ObjectIdentifier(o) for o in p.eku_oids()]),
+                critical=p.eku_critical,
+            )
+        if d.sans:
+            b = b.add_extension(x509.SubjectAlternativeName(list(d.sans)), critical=not len(d.subject))
+        if p.is_ca or p.subject_key_identifier:
+            b = b.add_extension(x509.SubjectKeyIdentifier.from_public_key(d.public_key), critical=False)  # type: ignore[arg-type]
+        if issuer_cert is not None:
+            try:
+                ski = issuer_cert.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
+                aki = x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ski)
+            except x509.ExtensionNotFound:
+                aki = x509.AuthorityKeyIdentifier.from_issuer_public_key(issuer_cert.public_key())  # type: ignore[arg-type]
+            b = b.add_extension(aki, critical=False)
+        elif p.is_ca:  # self-signed root: AKI equal to its own SKI
+            b = b.add_extension(
+                x509.AuthorityKeyIdentifier.from_issuer_public_key(d.public_key),  # type: ignore[arg-type]
+                critical=False,
+            )
+        if p.policies:
+            b = b.add_extension(
+                x509.CertificatePolicies(
+                    [x509.PolicyInformation(x509.ObjectIdentifier(o), None) for o in p.policies]
+                ),
+                critical=False,
+            )
+        if p.ocsp_no_check:
+            b = b.add_extension(x509.OCSPNoCheck(), critical=False)
+        base = self.config.base_url
+        if base and issuer_cert is not None:
+            b = b.add_extension(
+                x509.AuthorityInformationAccess(
+                    [
+                        x509.AccessDescription(
+                            AuthorityInformationAccessOID.OCSP,
+                            x509.UniformResourceIdentifier(f"{base}/ocsp/{ca_name}"),
+                        ),
+                        x509.AccessDescription(
+                            AuthorityInformationAccessOID.CA_ISSUERS,
+                            x509.UniformResourceIdentifier(f"{base}/ca/{ca_name}.crt"),
+                        ),
+                    ]
+                ),
+                critical=False,
+            )
+            b = b.add_extension(
+                x509.CRLDistributionPoints(
+                    [
+                        x509.DistributionPoint(
+                            full_name=[x509.UniformResourceIdentifier(f"{base}/crl/{ca_name}.crl")],
+                            relative_name=None, reasons=None, crl_issuer=None,
+                        )
+                    ]
+                ),
+                critical=False,
+            )
+        return b
+
+    # ------------------------------------------------------------- queries
+    def list_certificates(self, ca: str | None = None, revoked: bool = False) -> list[dict[str, Any]]:
+        if ca is not None:
+            self.get_ca(ca)
+        return [_cert_summary(r) for r in self.store.list_certificates(ca, revoked)]
+
+    def show_certificate(self, serial_text: str) -> dict[str, Any]:
+        serial = format_serial(parse_serial(serial_text))
+        row = self.store.get_certificate(serial)
+        if row is None:
+            raise NotFound(f"no certificate with serial {serial}")
+        out = _cert_summary(row)
+        cert = x509.load_pem_x509_certificate(row["pem"].encode())
+        out.update(
+            issuer=cert.issuer.rfc4514_string(),
+            sha256=row["sha256"],
+            key_type=row["key_type"],
+            revoked_at=row["revoked_at"],
+            revocation_reason=row["revocation_reason"],
+            extensions=[e.oid._name for e in cert.extensions],
+            pem=row["pem"],
+        )
+        return out
+
+
+def _cert_summary(row: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "serial": row["serial"],
+        "ca": row["ca"],
+        "profile": row["profile"],
+        "subject": row["subject"],
+        "sans": row["sans"],
+        "not_before": row["not_before"],
+        "not_after": row["not_after"],
+        "status": row["status"],
+    }
+
+
+def _validity(
+    profile: Profile, days: int | None, now: _dt.datetime, issuer: CaRecord | None
+) -> tuple[_dt.datetime, _dt.datetime]:
+    """Requested or default days, clamped to the profile, the BRs and the issuer."""
+    wanted = profile.default_days if days is None else days
+    if wanted < 1:
+        raise UsageError("--days must be at least 1")
+    wanted = min(wanted, profile.max_days)
+    if profile.cabf_server_auth:
+        wanted = min(wanted, cabf_max_days(now))
+    not_after = now + _dt.timedelta(days=wanted) - _dt.timedelta(seconds=1)
+    if issuer is not None and not_after > issuer.not_after:
+        not_after = issuer.not_after
+    return now, not_after
+
+
+def _check_signature(cert: x509.Certificate, public_key: PublicKeyTypes) -> None:
+    """Refuse to store what the engine signed wrongly (a faulty HSM must not issue)."""
+    try:
+        _verify_with(cert, public_key)
+    except HsmCaError:
+        raise
+    except Exception as e:  # InvalidSignature and friends
+        raise EngineError(
+            f"the HSM engine produced an invalid signature ({type(e).__name__})"
+        ) from e
+
+
+def _verify_with(cert: x509.Certificate, public_key: PublicKeyTypes) -> None:
+    from cryptography.hazmat.primitives.asymmetric import ec, ed25519, padding, rsa
+
+    sig = cert.signature
+    tbs = cert.tbs_certificate_bytes
+    if isinstance(public_key, ec.EllipticCurvePublicKey):
+        public_key.verify(sig, tbs, ec.ECDSA(cert.signature_hash_algorithm))  # type: ignore[arg-type]
+    elif isinstance(public_key, rsa.RSAPublicKey):
+        public_key.verify(sig, tbs, padding.PKCS1v15(), cert.signature_hash_algorithm)  # type: ignore[arg-type]
+    elif isinstance(public_key, ed25519.Ed25519PublicKey):
+        public_key.verify(sig, tbs)
+    else:
+        raise EngineError("unsupported issuer key type")
+
+
+class CertificateAuthority:
+    """One CA: its record and its key handle, for issuing (and later revoking)."""
+
+    def __init__(self, authority: Authority, record: CaRecord) -> None:
+        self.authority = authority
+        self.record = record
+        self._handle: KeyHandle | None = None
+
+    @property
+    def name(self) -> str:
+        return self.record.name
+
+    def key_handle(self) -> KeyHandle:
+        if self._handle is None:
+            handle = self.authority.engine().get_key(self.record.key_label)
+            if key_type_of(handle.public_key()) != key_type_of(self.record.certificate.public_key()) \
+                    or handle.public_key() != self.record.certificate.public_key():
+                raise EngineError(
+                    f"HSM key {self.record.key_label!r} does not match CA {self.name!r}'s certificate"
+                )
+            self._handle = handle
+        return self._handle
+
+    def issue(
+        self, csr: bytes, profile: str, *, days: int | None = None, source: str = "CSR"
+    ) -> IssuedCertificate:
+        """Issue one certificate; raises the refusal instead of returning it."""
+        result = self.authority.sign_csrs(self.name, [(source, csr)], profile, days=days)[0]
+        if isinstance(result, Refusal):
+            raise result.error
+        return result
+
+
+def open_engine(config: HomeConfig) -> HsmEngine:
+    """Build the engine a home is configured for."""
+    if config.engine == "soft":
+        from hsm_ca.engine.soft import SoftEngine
+
+        if not config.hsm_path.exists():
+            raise ConfigError(f"no built-in HSM partition at {config.hsm_path}")
+        return SoftEngine(config.hsm_path)
+    if config.engine == "pkcs11":
+        try:
+            from hsm_ca.engine.pkcs11 import Pkcs11Engine  # type: ignore[import-not-found]
+        except ImportError as e:
+            raise ConfigError(
+                "the pkcs11 engine needs python-pkcs11: pip install 'hsm-ca[pkcs11]'"
+            ) from e
+        assert config.pkcs11 is not None
+        return Pkcs11Engine(config.pkcs11)  # type: ignore[no-any-return]
+    raise ConfigError(f"unknown engine {config.engine!r}")

@@ -1,0 +1,176 @@
+"""CLI plumbing: shared state, error mapping, output helpers."""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import click
+
+if TYPE_CHECKING:
+    from hsm_ca.authority import Authority
+    from hsm_ca.config import HomeConfig
+
+
+@dataclass
+class State:
+    """Global options, plus the opened authority (closed when the command ends)."""
+
+    home_flag: str | None
+    as_json: bool
+    debug: bool
+    pin_file: str | None
+    _authority: Authority | None = field(default=None, repr=False)
+
+    @property
+    def home(self) -> Path:
+        from hsm_ca.config import resolve_home
+
+        return resolve_home(self.home_flag)
+
+    def config(self) -> HomeConfig:
+        from hsm_ca.config import load_config
+
+        return load_config(self.home)
+
+    def user_pin_source(self, pin_file: str | None = None) -> Any:
+        from hsm_ca.config import pin_source
+
+        chosen = pin_file or self.pin_file
+        return pin_source("user", Path(chosen) if chosen else None, prompt=hidden_prompt)
+
+    def authority(self, pin_file: str | None = None) -> Authority:
+        if self._authority is None:
+            from hsm_ca.authority import Authority
+
+            self._authority = Authority(self.config(), pin=self.user_pin_source(pin_file))
+            click.get_current_context().call_on_close(self._authority.close)
+        return self._authority
+
+
+def hidden_prompt(label: str) -> str:
+    return click.prompt(label, hide_input=True, err=True)
+
+
+class HsmCaGroup(click.Group):
+    """A group whose ``run`` turns every failure into one ``Error:`` line."""
+
+    def run(self, argv: list[str] | None) -> int:
+        debug = "--debug" in (argv if argv is not None else sys.argv[1:])
+        try:
+            self.main(args=argv, prog_name="hsm-ca", standalone_mode=False)
+            return 0
+        except click.exceptions.Exit as e:
+            return e.exit_code
+        except click.exceptions.Abort:
+            click.echo("Error: aborted", err=True)
+            return 1
+        except click.ClickException as e:
+            if debug:
+                raise
+            click.echo(f"Error: {e.format_message()}", err=True)
+            return e.exit_code
+        except KeyboardInterrupt:
+            click.echo("Error: interrupted", err=True)
+            return 130
+        except BrokenPipeError:
+            return 1
+        except Exception as e:
+            from hsm_ca.errors import HsmCaError
+
+            if debug:
+                raise
+            if isinstance(e, HsmCaError):
+                click.echo(f"Error: {_one_line(str(e))}", err=True)
+                return e.exit_code
+            click.echo(
+                f"Error: internal error ({type(e).__name__}); run with --debug for details",
+                err=True,
+            )
+            return 1
+
+
+def _one_line(text: str) -> str:
+    return " ".join(text.split()) or "failed"
+
+
+def json_flag(f: Any) -> Any:
+    """``--json`` accepted after the command too, as people type it there."""
+
+    def set_json(ctx: click.Context, _param: click.Parameter, value: bool) -> bool:
+        if value:
+            ctx.find_object(State).as_json = True  # type: ignore[union-attr]
+        return value
+
+    return click.option(
+        "--json", "_json", is_flag=True, expose_value=False, callback=set_json,
+        is_eager=True, help="Print one JSON document instead of text.",
+    )(f)
+
+
+def state() -> State:
+    return click.get_current_context().find_object(State)  # type: ignore[return-value]
+
+
+def emit_json(obj: Any) -> None:
+    click.echo(json.dumps(obj, indent=2, sort_keys=False, default=str))
+
+
+def print_table(columns: list[str], rows: list[list[Any]], title: str | None = None) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=title, show_lines=False, header_style="bold")
+    for c in columns:
+        table.add_column(c, no_wrap=c in ("serial", "seq", "label"), overflow="fold")
+    for r in rows:
+        table.add_row(*["" if v is None else str(v) for v in r])
+    console = Console(soft_wrap=False)
+    if not console.is_terminal:  # pipes and files get whole lines, not an 80-column fold
+        console = Console(soft_wrap=False, width=240)
+    console.print(table)
+
+
+def write_output(path: str | Path, data: bytes, mode: int = 0o644) -> None:
+    """Write atomically: a reader sees the old file or the whole new one, never half."""
+    path = Path(path)
+    parent = path.parent if str(path.parent) else Path(".")
+    tmp = parent / f".{path.name}.{secrets.token_hex(4)}.tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+@contextmanager
+def translate_os_errors(what: str) -> Iterator[None]:
+    from hsm_ca.errors import HsmCaError
+
+    try:
+        yield
+    except (OSError, UnicodeDecodeError) as e:
+        reason = e.strerror if isinstance(e, OSError) and e.strerror else type(e).__name__
+        raise HsmCaError(f"{what}: {reason}") from e
+
+
+def read_input_file(path: str, limit: int = 1 << 20) -> bytes:
+    with translate_os_errors(f"cannot read {path}"), open(path, "rb") as fh:
+        data = fh.read(limit + 1)
+    if len(data) > limit:
+        from hsm_ca.errors import UsageError
+
+        raise UsageError(f"{path} is larger than {limit} bytes")
+    return data

@@ -1,0 +1,397 @@
+"""Command definitions. No logic here: parse, call one service method, render."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from hsm_ca.cli.base import (
+    emit_json,
+    json_flag,
+    print_table,
+    read_input_file,
+    state,
+    translate_os_errors,
+    write_output,
+)
+
+KEY_TYPE_CHOICE = click.Choice(
+    ["ec-p256", "ec-p384", "ec-p521", "rsa-2048", "rsa-3072", "rsa-4096", "ed25519"]
+)
+pin_file_option = click.option(
+    "--pin-file", type=click.Path(dir_okay=False), metavar="FILE",
+    help="Read the crypto-user PIN from FILE (else $HSM_CA_PIN, else a prompt).",
+)
+
+
+def register(cli: click.Group) -> None:
+    cli.add_command(init)
+    cli.add_command(ca)
+    cli.add_command(sign)
+    cli.add_command(list_certs)
+    cli.add_command(show)
+    cli.add_command(keys)
+    cli.add_command(audit)
+
+
+# ------------------------------------------------------------------ init
+@click.command()
+@json_flag
+@click.option("--engine", type=click.Choice(["soft", "pkcs11"]), default="soft", show_default=True)
+@click.option("--pkcs11-module", metavar="PATH", help="PKCS#11 module (.so) for --engine pkcs11.")
+@click.option("--token-label", metavar="LABEL", help="Token label for --engine pkcs11.")
+@click.option("--pkcs11-uri", metavar="URI", help="RFC 7512 pkcs11: URI selecting the token.")
+@click.option("--base-url", metavar="URL", help="Where 'hsm-ca serve' is reachable (CRL/OCSP/AIA URLs).")
+@click.option("--user", "user_name", default="crypto-user", show_default=True, help="Crypto-user name.")
+@click.option("--officer", "officer_name", default="admin", show_default=True, help="Crypto-officer name.")
+@click.option("--so-pin-file", type=click.Path(dir_okay=False), metavar="FILE",
+              help="Read the crypto-officer PIN from FILE (else $HSM_CA_SO_PIN, else a prompt).")
+@click.option("--scrypt-n", type=int, default=None, metavar="N",
+              help="scrypt cost of the PIN KDF (power of two; default 16384). Lower only for tests.")
+@pin_file_option
+def init(
+    engine: str, pkcs11_module: str | None, token_label: str | None, pkcs11_uri: str | None,
+    base_url: str | None, user_name: str, officer_name: str, so_pin_file: str | None,
+    scrypt_n: int | None, pin_file: str | None,
+) -> None:
+    """Create a CA home and its HSM partition (or bind to a PKCS#11 token)."""
+    from hsm_ca.authority import Authority
+    from hsm_ca.config import Pkcs11Settings, pin_source, validate_base_url
+    from hsm_ca.errors import UsageError
+
+    st = state()
+    home = st.home
+    if base_url:
+        base_url = validate_base_url(base_url)
+    pkcs11 = None
+    if engine == "pkcs11":
+        if not pkcs11_module:
+            raise UsageError("--engine pkcs11 needs --pkcs11-module PATH")
+        if not token_label and not pkcs11_uri:
+            raise UsageError("--engine pkcs11 needs --token-label LABEL or --pkcs11-uri URI")
+        pkcs11 = Pkcs11Settings(module=pkcs11_module, token_label=token_label, uri=pkcs11_uri)
+    user_pin = st.user_pin_source(pin_file)()
+    officer_pin = None
+    if engine == "soft":
+        so = pin_source("officer", Path(so_pin_file) if so_pin_file else None,
+                        prompt=lambda label: click.prompt(label, hide_input=True, err=True,
+                                                          confirmation_prompt=True))
+        officer_pin = so()
+        if officer_pin == user_pin:
+            raise UsageError("the crypto-officer and crypto-user PINs must differ")
+    with Authority.initialize(
+        home, engine=engine, user_pin=user_pin, officer_pin=officer_pin, base_url=base_url,
+        user=user_name, officer=officer_name, scrypt_n=scrypt_n, pkcs11=pkcs11,
+    ):
+        pass
+    if st.as_json:
+        emit_json({"home": str(home), "engine": engine, "base_url": base_url,
+                   "user": user_name, "officer": officer_name if engine == "soft" else None})
+    else:
+        click.echo(f"Initialised hsm-ca home {home} (engine: {engine})")
+
+
+# -------------------------------------------------------------------- CAs
+@click.group()
+def ca() -> None:
+    """Create, list and export certificate authorities."""
+
+
+def _ca_created(record: object) -> None:
+    st = state()
+    d = record.as_dict()  # type: ignore[attr-defined]
+    if st.as_json:
+        emit_json(d)
+    else:
+        click.echo(f"Created CA {d['name']}: {d['subject']} (serial {d['serial']}, "
+                   f"{d['key_type']}, valid until {d['not_after']})")
+
+
+@ca.command("create-root")
+@json_flag
+@click.argument("name")
+@click.option("--subject", required=True, metavar="DN", help="e.g. 'CN=Example Root CA,O=Example,C=NL'")
+@click.option("--key-type", type=KEY_TYPE_CHOICE, default="ec-p384", show_default=True)
+@click.option("--days", type=click.IntRange(min=1), default=None, help="Validity (profile default otherwise).")
+@click.option("--path-length", type=click.IntRange(min=0), default=None)
+@pin_file_option
+def create_root(name: str, subject: str, key_type: str, days: int | None,
+                path_length: int | None, pin_file: str | None) -> None:
+    """Create a self-signed root CA whose key is generated inside the HSM."""
+    from hsm_ca.policy import parse_dn
+
+    dn = parse_dn(subject)
+    record = state().authority(pin_file).create_root(
+        name, dn, key_type=key_type, days=days, path_length=path_length
+    )
+    _ca_created(record)
+
+
+@ca.command("create-intermediate")
+@json_flag
+@click.argument("name")
+@click.option("--parent", required=True, metavar="CA", help="The issuing (parent) CA.")
+@click.option("--subject", required=True, metavar="DN")
+@click.option("--key-type", type=KEY_TYPE_CHOICE, default="ec-p256", show_default=True)
+@click.option("--days", type=click.IntRange(min=1), default=None)
+@click.option("--path-length", type=click.IntRange(min=0), default=None)
+@pin_file_option
+def create_intermediate(name: str, parent: str, subject: str, key_type: str, days: int | None,
+                        path_length: int | None, pin_file: str | None) -> None:
+    """Create an intermediate CA certified by PARENT."""
+    from hsm_ca.policy import parse_dn
+
+    dn = parse_dn(subject)
+    record = state().authority(pin_file).create_intermediate(
+        name, parent, dn, key_type=key_type, days=days, path_length=path_length
+    )
+    _ca_created(record)
+
+
+@ca.command("list")
+@json_flag
+def ca_list() -> None:
+    """List the CAs of this home."""
+    st = state()
+    records = [r.as_dict() for r in st.authority().list_cas()]
+    if st.as_json:
+        emit_json(records)
+        return
+    print_table(
+        ["name", "parent", "subject", "key type", "serial", "not after"],
+        [[r["name"], r["parent"] or "-", r["subject"], r["key_type"], r["serial"], r["not_after"]]
+         for r in records],
+    )
+
+
+@ca.command("export")
+@json_flag
+@click.argument("name")
+@click.option("--chain", is_flag=True, help="Append the issuers up to and including the root.")
+@click.option("-o", "--output", type=click.Path(dir_okay=False), metavar="FILE")
+def ca_export(name: str, chain: bool, output: str | None) -> None:
+    """Write a CA's certificate (PEM)."""
+    from hsm_ca.x509util import cert_pem
+
+    auth = state().authority()
+    certs = auth.chain(name) if chain else [auth.get_ca(name).certificate]
+    pem = "".join(cert_pem(c) for c in certs)
+    if output:
+        with translate_os_errors(f"cannot write {output}"):
+            write_output(output, pem.encode())
+        if state().as_json:
+            emit_json({"ca": name, "file": output, "certificates": len(certs)})
+    else:
+        click.echo(pem, nl=False)
+
+
+# ----------------------------------------------------------------- issuing
+@click.command()
+@json_flag
+@click.argument("csr_files", nargs=-1, required=True, metavar="CSR_FILE...")
+@click.option("--ca", "ca_name", required=True, metavar="NAME")
+@click.option("--profile", required=True, metavar="PROFILE")
+@click.option("--days", type=click.IntRange(min=1), default=None)
+@click.option("--chain", is_flag=True, help="Append the issuing CA chain (root excluded).")
+@click.option("-o", "--output", type=click.Path(dir_okay=False), metavar="FILE")
+@click.option("--out-dir", type=click.Path(file_okay=False), metavar="DIR",
+              help="With several CSRs: write <csr stem>.pem for each into DIR.")
+@pin_file_option
+def sign(csr_files: tuple[str, ...], ca_name: str, profile: str, days: int | None, chain: bool,
+         output: str | None, out_dir: str | None, pin_file: str | None) -> None:
+    """Sign PKCS#10 CSRs (PEM or DER) with a CA under a profile."""
+    from hsm_ca.authority import IssuedCertificate
+    from hsm_ca.errors import HsmCaError, UsageError
+    from hsm_ca.x509util import cert_pem
+
+    st = state()
+    if len(csr_files) > 1 and not out_dir:
+        raise UsageError("several CSR files need --out-dir DIR")
+    if output and out_dir:
+        raise UsageError("use either -o FILE or --out-dir DIR, not both")
+    if out_dir:
+        stems = [Path(f).stem for f in csr_files]
+        dupes = sorted({s for s in stems if stems.count(s) > 1})
+        if dupes:
+            raise UsageError(f"several CSR files share the name {dupes[0]!r}; --out-dir needs unique stems")
+        if not Path(out_dir).is_dir():
+            with translate_os_errors(f"cannot create {out_dir}"):
+                Path(out_dir).mkdir(parents=True, exist_ok=True)
+    auth = st.authority(pin_file)
+    inputs: list[tuple[str, bytes]] = []
+    unreadable: list[tuple[str, HsmCaError]] = []
+    for f in csr_files:
+        try:
+            inputs.append((f, read_input_file(f)))
+        except HsmCaError as e:
+            if len(csr_files) == 1:
+                raise
+            unreadable.append((f, e))
+    results = auth.sign_csrs(ca_name, inputs, profile, days=days) if inputs else []
+    if len(csr_files) == 1 and not out_dir:
+        result = results[0]
+        if not isinstance(result, IssuedCertificate):
+            raise result.error
+        pem = result.pem + ("".join(cert_pem(c) for c in result.chain) if chain else "")
+        info = result.as_dict()
+        if output:
+            with translate_os_errors(f"cannot write {output}"):
+                write_output(output, pem.encode())
+            info["file"] = output
+        if st.as_json:
+            if not output:
+                info["pem"] = pem
+            emit_json(info)
+        else:
+            if not output:
+                click.echo(pem, nl=False)
+            msg = f"Issued {info['serial']} to {info['subject'] or '(empty subject)'} " \
+                  f"(profile {profile}, CA {ca_name}, valid until {info['not_after']})"
+            click.echo(msg + (f" -> {output}" if output else ""), err=not output)
+        return
+    report = []
+    refused = 0
+    for f, err in unreadable:
+        refused += 1
+        report.append({"source": f, "error": str(err), "refused": True})
+    for result in results:
+        if isinstance(result, IssuedCertificate):
+            target = Path(out_dir) / f"{Path(result.source or result.serial).stem}.pem"  # type: ignore[arg-type]
+            pem = result.pem + ("".join(cert_pem(c) for c in result.chain) if chain else "")
+            with translate_os_errors(f"cannot write {target}"):
+                write_output(target, pem.encode())
+            info = result.as_dict()
+            info["source"] = result.source
+            info["file"] = str(target)
+            report.append(info)
+        else:
+            refused += 1
+            report.append(result.as_dict())
+    if st.as_json:
+        emit_json(report)
+    else:
+        for r in report:
+            if r.get("refused"):
+                click.echo(f"Refused {r['source']}: {r['error']}", err=True)
+            else:
+                click.echo(f"Issued {r['serial']} {r['source']} -> {r['file']}")
+        click.echo(f"{len(report) - refused} issued, {refused} refused", err=True)
+    if refused:
+        raise click.exceptions.Exit(1)
+
+
+@click.command("list")
+@json_flag
+@click.option("--ca", "ca_name", metavar="NAME", help="Only certificates issued by this CA.")
+@click.option("--revoked", is_flag=True, help="Only revoked certificates.")
+def list_certs(ca_name: str | None, revoked: bool) -> None:
+    """List issued certificates."""
+    st = state()
+    rows = st.authority().list_certificates(ca_name, revoked)
+    if st.as_json:
+        emit_json(rows)
+        return
+    print_table(
+        ["serial", "ca", "profile", "subject", "not after", "status"],
+        [[r["serial"], r["ca"], r["profile"], r["subject"], r["not_after"], r["status"]] for r in rows],
+    )
+
+
+@click.command()
+@json_flag
+@click.argument("serial")
+def show(serial: str) -> None:
+    """Show one certificate by serial (hex, any case, colons allowed)."""
+    st = state()
+    info = st.authority().show_certificate(serial)
+    if st.as_json:
+        emit_json(info)
+        return
+    for key in ("serial", "subject", "issuer", "ca", "profile", "key_type", "not_before",
+                "not_after", "status", "revoked_at", "revocation_reason", "sha256"):
+        if info.get(key) is not None:
+            click.echo(f"{key:>18}: {info[key]}")
+    click.echo(f"{'sans':>18}: {', '.join(info['sans']) or '-'}")
+    click.echo(f"{'extensions':>18}: {', '.join(info['extensions'])}")
+    click.echo(info["pem"], nl=False)
+
+
+# -------------------------------------------------------------------- keys
+@click.group()
+def keys() -> None:
+    """Keys held by the HSM engine."""
+
+
+@keys.command("list")
+@json_flag
+@pin_file_option
+def keys_list(pin_file: str | None) -> None:
+    """List key labels, types, extractability and what uses them."""
+    st = state()
+    rows = st.authority(pin_file).list_keys()
+    if st.as_json:
+        emit_json(rows)
+        return
+    print_table(
+        ["label", "key type", "extractable", "used by"],
+        [[r["label"], r["key_type"], "yes" if r["extractable"] else "no", r["used_by"] or "-"]
+         for r in rows],
+    )
+
+
+# ------------------------------------------------------------------- audit
+@click.group()
+def audit() -> None:
+    """The tamper-evident audit trail."""
+
+
+@audit.command("list")
+@json_flag
+@click.option("--since", type=click.IntRange(min=0), default=0, metavar="SEQ",
+              help="Only records after SEQ.")
+def audit_list(since: int) -> None:
+    """List audit records."""
+    st = state()
+    rows = list(st.authority().audit.records(since))
+    if st.as_json:
+        emit_json(rows)
+        return
+    print_table(
+        ["seq", "time", "user", "action", "outcome", "ca", "serial", "subject / detail"],
+        [[r["seq"], r["time"], f"{r['os_user']}/{r['hsm_user'] or '-'}", r["action"], r["outcome"],
+          r["ca"], r["serial"], r["subject"] or r["detail"]] for r in rows],
+    )
+
+
+@audit.command("verify")
+@json_flag
+def audit_verify() -> None:
+    """Check the whole trail; exit 1 naming the first bad record."""
+    st = state()
+    report = st.authority().audit.verify()
+    if st.as_json:
+        emit_json(report.as_dict())
+    elif report.ok:
+        click.echo(f"Audit trail intact: {report.records} records")
+        for note in report.notes:
+            click.echo(f"Note: {note}")
+    if not report.ok:
+        click.echo(f"Error: audit trail broken: {report.problem}", err=True)
+        raise click.exceptions.Exit(1)
+
+
+@audit.command("export")
+@json_flag
+@click.option("-o", "--output", type=click.Path(dir_okay=False), metavar="FILE")
+def audit_export(output: str | None) -> None:
+    """Write the trail as JSON Lines, one record a line (for a SIEM)."""
+    import json
+
+    lines = [json.dumps(r, sort_keys=True, separators=(",", ":")) for r in state().authority().audit.records()]
+    data = "".join(line + "\n" for line in lines)
+    if output:
+        with translate_os_errors(f"cannot write {output}"):
+            write_output(output, data.encode())
+    else:
+        click.echo(data, nl=False)

@@ -1,0 +1,204 @@
+"""Configuration: the only module that reads the home's config file and the environment.
+
+Everything is turned into frozen dataclasses once, so services receive plain
+objects and tests can build them without touching files or env.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import tomllib
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from hsm_ca.errors import ConfigError
+
+CONFIG_FILE = "hsm-ca.toml"
+DB_FILE = "ca.db"
+HSM_DIR = "hsm"
+PROFILES_DIR = "profiles"
+PIN_ENV = "HSM_CA_PIN"
+SO_PIN_ENV = "HSM_CA_SO_PIN"
+HOME_ENV = "HSM_CA_HOME"
+USER_ENV = "HSM_CA_USER"
+DEFAULT_USER = "crypto-user"
+DEFAULT_OFFICER = "admin"
+
+
+@dataclass(frozen=True)
+class Pkcs11Settings:
+    module: str
+    token_label: str | None = None
+    uri: str | None = None
+
+
+@dataclass(frozen=True)
+class HomeConfig:
+    """A CA home as described by its ``hsm-ca.toml``."""
+
+    home: Path
+    engine: str = "soft"
+    base_url: str | None = None
+    user: str = DEFAULT_USER
+    officer: str = DEFAULT_OFFICER
+    pkcs11: Pkcs11Settings | None = None
+    ocsp_cache_seconds: int = 300
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def db_path(self) -> Path:
+        return self.home / DB_FILE
+
+    @property
+    def hsm_path(self) -> Path:
+        return self.home / HSM_DIR
+
+    @property
+    def profiles_path(self) -> Path:
+        return self.home / PROFILES_DIR
+
+    @property
+    def config_path(self) -> Path:
+        return self.home / CONFIG_FILE
+
+
+def resolve_home(flag: str | None) -> Path:
+    """``--home``, else ``$HSM_CA_HOME``, else ``~/.hsm-ca``."""
+    if flag:
+        return Path(flag).expanduser()
+    env = os.environ.get(HOME_ENV)
+    if env:
+        return Path(env).expanduser()
+    return Path("~/.hsm-ca").expanduser()
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int):
+        return str(value)
+    escaped = str(value).replace("\\", "\\\\").replace('"', '\\"')
+    return f'"{escaped}"'
+
+
+def render_config(cfg: HomeConfig) -> str:
+    lines = [
+        "# hsm-ca home configuration (written by 'hsm-ca init')",
+        f"engine = {_toml_value(cfg.engine)}",
+        f"user = {_toml_value(cfg.user)}",
+        f"officer = {_toml_value(cfg.officer)}",
+        f"ocsp_cache_seconds = {cfg.ocsp_cache_seconds}",
+    ]
+    if cfg.base_url:
+        lines.append(f"base_url = {_toml_value(cfg.base_url)}")
+    if cfg.pkcs11:
+        lines.append("")
+        lines.append("[pkcs11]")
+        lines.append(f"module = {_toml_value(cfg.pkcs11.module)}")
+        if cfg.pkcs11.token_label:
+            lines.append(f"token_label = {_toml_value(cfg.pkcs11.token_label)}")
+        if cfg.pkcs11.uri:
+            lines.append(f"uri = {_toml_value(cfg.pkcs11.uri)}")
+    return "\n".join(lines) + "\n"
+
+
+_TOP_KEYS = {"engine", "base_url", "user", "officer", "ocsp_cache_seconds", "pkcs11"}
+
+
+def load_config(home: Path) -> HomeConfig:
+    """Parse and validate ``HOME/hsm-ca.toml``; errors name the file and field."""
+    path = home / CONFIG_FILE
+    if not path.exists():
+        raise ConfigError(f"{home} is not an hsm-ca home (no {CONFIG_FILE}); run 'hsm-ca init'")
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as e:
+        raise ConfigError(f"{path}: cannot parse: {e}") from e
+    for key in data:
+        if key not in _TOP_KEYS:
+            raise ConfigError(f"{path}: unknown field {key!r}")
+    engine = data.get("engine", "soft")
+    if engine not in ("soft", "pkcs11"):
+        raise ConfigError(f"{path}: field 'engine' must be 'soft' or 'pkcs11', not {engine!r}")
+    for key in ("base_url", "user", "officer"):
+        if key in data and not isinstance(data[key], str):
+            raise ConfigError(f"{path}: field {key!r} must be a string")
+    cache = data.get("ocsp_cache_seconds", 300)
+    if isinstance(cache, bool) or not isinstance(cache, int) or cache < 0:
+        raise ConfigError(f"{path}: field 'ocsp_cache_seconds' must be a non-negative integer")
+    pkcs11 = None
+    if engine == "pkcs11":
+        section = data.get("pkcs11")
+        if not isinstance(section, dict) or not isinstance(section.get("module"), str):
+            raise ConfigError(f"{path}: engine 'pkcs11' needs [pkcs11] with a 'module' path")
+        pkcs11 = Pkcs11Settings(
+            module=section["module"],
+            token_label=section.get("token_label"),
+            uri=section.get("uri"),
+        )
+    base_url = data.get("base_url")
+    return HomeConfig(
+        home=home,
+        engine=engine,
+        base_url=base_url.rstrip("/") if base_url else None,
+        user=os.environ.get(USER_ENV) or data.get("user", DEFAULT_USER),
+        officer=data.get("officer", DEFAULT_OFFICER),
+        pkcs11=pkcs11,
+        ocsp_cache_seconds=cache,
+    )
+
+
+def validate_base_url(url: str) -> str:
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.netloc or parts.query or parts.fragment:
+        raise ConfigError(f"--base-url must be an http(s) URL without query, not {url!r}")
+    return url.rstrip("/")
+
+
+# ---------------------------------------------------------------- PINs
+PinSource = Callable[[], str]
+
+
+def _read_pin_file(path: Path) -> str:
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"cannot read PIN file {path}: {e.__class__.__name__}") from e
+    pin = text.rstrip("\r\n")
+    if not pin:
+        raise ConfigError(f"PIN file {path} is empty")
+    return pin
+
+
+def pin_source(
+    kind: str, pin_file: Path | None, prompt: Callable[[str], str] | None = None
+) -> PinSource:
+    """A lazy PIN getter: env, then file, then a hidden prompt on a TTY; never argv.
+
+    Lazy, so commands that turn out not to need the HSM never ask for a PIN.
+    """
+    env_name = PIN_ENV if kind == "user" else SO_PIN_ENV
+    flag = "--pin-file" if kind == "user" else "--so-pin-file"
+    label = "crypto-user PIN" if kind == "user" else "crypto-officer PIN"
+    cached: list[str] = []
+
+    def get() -> str:
+        if cached:
+            return cached[0]
+        if pin_file is not None:
+            pin = _read_pin_file(pin_file)
+        elif os.environ.get(env_name):
+            pin = os.environ[env_name]
+        elif sys.stdin is not None and sys.stdin.isatty() and prompt is not None:
+            pin = prompt(label)
+        else:
+            raise ConfigError(f"no {label}: set ${env_name}, pass {flag} FILE, or run on a terminal")
+        cached.append(pin)
+        return pin
+
+    return get

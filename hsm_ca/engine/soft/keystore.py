@@ -1,0 +1,499 @@
+"""The built-in engine: a software partition modelled on an AWS CloudHSM one.
+
+Layout of a partition directory::
+
+    keystore       line 1: canonical JSON body; line 2: HMAC-SHA256 of line 1
+    partition.key  32 random bytes keying that HMAC (0600)
+    .lock          flock target serialising writers across processes
+
+A random 256-bit master key (MK) encrypts every private key with AES-256-GCM,
+the key's label and attributes bound as associated data so blobs cannot be
+swapped between labels. Each user's PIN derives (scrypt, parameters stored in
+the authenticated header) a key that wraps the MK, so a PIN change rewrites
+one small blob. Failed-login counters and lockout live in the same
+authenticated file, so a restart does not reset them and an edit is seen as
+tampering. What software cannot do (hide the files from root, slow a stolen
+copy beyond the KDF) is said in the README's security model.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import datetime as _dt
+import fcntl
+import hashlib
+import hmac
+import json
+import os
+import secrets
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519, padding, rsa
+from cryptography.hazmat.primitives.asymmetric.types import PublicKeyTypes
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+from hsm_ca.engine.base import (
+    MAX_FAILED_LOGINS,
+    KeySpec,
+    Role,
+    UserInfo,
+    validate_key_type,
+    validate_label,
+)
+from hsm_ca.errors import (
+    AlreadyExists,
+    EngineError,
+    KeyNotFound,
+    LockedOut,
+    LoginFailed,
+    NotFound,
+    PermissionDenied,
+    Tampered,
+    UsageError,
+)
+
+FORMAT = "hsm-ca-keystore"
+VERSION = 1
+DEFAULT_SCRYPT_N = 2**14
+MIN_SCRYPT_N = 2**10
+KEYSTORE = "keystore"
+PARTITION_KEY = "partition.key"
+LOCKFILE = ".lock"
+
+
+def _b64(data: bytes) -> str:
+    return base64.b64encode(data).decode("ascii")
+
+
+def _unb64(text: str) -> bytes:
+    return base64.b64decode(text.encode("ascii"), validate=True)
+
+
+def canonical_json(obj: Any) -> bytes:
+    """One byte string per value, so MACs and AADs are reproducible."""
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=True).encode()
+
+
+def _now() -> str:
+    return _dt.datetime.now(_dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def write_private_file(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` atomically and durably, mode 0600 from birth."""
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    dfd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dfd)
+    finally:
+        os.close(dfd)
+
+
+def _generate_private_key(key_type: str) -> Any:
+    if key_type.startswith("ec-"):
+        curve = {"ec-p256": ec.SECP256R1(), "ec-p384": ec.SECP384R1(), "ec-p521": ec.SECP521R1()}
+        return ec.generate_private_key(curve[key_type])
+    if key_type.startswith("rsa-"):
+        return rsa.generate_private_key(public_exponent=65537, key_size=int(key_type[4:]))
+    return ed25519.Ed25519PrivateKey.generate()
+
+
+@dataclass
+class SoftKeyHandle:
+    """A handle to a key in a soft partition; signing goes through the engine."""
+
+    label: str
+    key_type: str
+    extractable: bool
+    _public_pem: str
+    _engine: SoftEngine
+
+    def public_key(self) -> PublicKeyTypes:
+        return serialization.load_pem_public_key(self._public_pem.encode())
+
+    def sign(self, data: bytes, algorithm: Any, padding_: Any = None) -> bytes:
+        return self._engine._sign(self.label, data, algorithm, padding_)
+
+    def __repr__(self) -> str:
+        return f"SoftKeyHandle(label={self.label!r}, key_type={self.key_type!r})"
+
+
+class SoftEngine:
+    """A software HSM partition: users, roles, lockout, encrypted keys, tamper evidence."""
+
+    name = "soft"
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        self._mk: bytes | None = None
+        self._user: str | None = None
+        self._role: Role | None = None
+        self._loaded_keys: dict[str, Any] = {}
+        self._state_cache: dict[str, Any] | None = None
+
+    # ----------------------------------------------------------------- files
+    @classmethod
+    def create(
+        cls,
+        path: Path,
+        *,
+        officer: str,
+        officer_pin: str,
+        user: str,
+        user_pin: str,
+        scrypt_n: int = DEFAULT_SCRYPT_N,
+    ) -> SoftEngine:
+        """Create a new partition with one crypto officer and one crypto user."""
+        path = Path(path)
+        if (path / KEYSTORE).exists():
+            raise AlreadyExists(f"an HSM partition already exists at {path}")
+        if scrypt_n < MIN_SCRYPT_N or scrypt_n & (scrypt_n - 1):
+            raise UsageError(f"scrypt cost must be a power of two >= {MIN_SCRYPT_N}")
+        path.mkdir(parents=True, exist_ok=True, mode=0o700)
+        os.chmod(path, 0o700)
+        write_private_file(path / PARTITION_KEY, secrets.token_bytes(32))
+        engine = cls(path)
+        mk = secrets.token_bytes(32)
+        state: dict[str, Any] = {
+            "format": FORMAT,
+            "version": VERSION,
+            "partition_id": secrets.token_hex(16),
+            "generation": 0,
+            "created": _now(),
+            "kdf": {"name": "scrypt", "n": scrypt_n, "r": 8, "p": 1},
+            "users": {},
+            "keys": {},
+        }
+        for name, pin, role in ((officer, officer_pin, Role.OFFICER), (user, user_pin, Role.USER)):
+            _check_pin(pin)
+            state["users"][name] = engine._wrap_for_user(state, mk, name, role, pin)
+        engine._write(state)
+        return engine
+
+    def _partition_key(self) -> bytes:
+        try:
+            key = (self.path / PARTITION_KEY).read_bytes()
+        except FileNotFoundError as e:
+            raise Tampered(f"HSM partition at {self.path} is missing its partition key") from e
+        if len(key) != 32:
+            raise Tampered(f"HSM partition at {self.path}: partition key has been tampered with")
+        return key
+
+    def _read(self) -> dict[str, Any]:
+        """Load and authenticate the keystore; any altered byte is tampering."""
+        try:
+            raw = (self.path / KEYSTORE).read_bytes()
+        except FileNotFoundError as e:
+            raise EngineError(f"no HSM partition at {self.path}") from e
+        parts = raw.split(b"\n")
+        if len(parts) != 3 or parts[2] != b"":
+            raise Tampered(f"HSM keystore {self.path / KEYSTORE} has been tampered with")
+        body, mac = parts[0], parts[1]
+        expected = hmac.new(self._partition_key(), body, hashlib.sha256).hexdigest().encode()
+        if not hmac.compare_digest(mac, expected):
+            raise Tampered(f"HSM keystore {self.path / KEYSTORE} has been tampered with")
+        try:
+            state = json.loads(body)
+        except ValueError as e:  # authenticated yet unparsable: treat as tampering
+            raise Tampered(f"HSM keystore {self.path / KEYSTORE} is corrupt") from e
+        if state.get("format") != FORMAT or state.get("version") != VERSION:
+            raise EngineError(f"unsupported HSM keystore format at {self.path}")
+        self._state_cache = state
+        return state
+
+    def _write(self, state: dict[str, Any]) -> None:
+        state["generation"] = int(state.get("generation", 0)) + 1
+        body = canonical_json(state)
+        mac = hmac.new(self._partition_key(), body, hashlib.sha256).hexdigest().encode()
+        write_private_file(self.path / KEYSTORE, body + b"\n" + mac + b"\n")
+        self._state_cache = state
+
+    @contextlib.contextmanager
+    def _locked(self) -> Iterator[dict[str, Any]]:
+        """Read-modify-write under an exclusive lock shared by all processes."""
+        fd = os.open(self.path / LOCKFILE, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield self._read()
+        finally:
+            fcntl.flock(fd, fcntl.LOCK_UN)
+            os.close(fd)
+
+    # ------------------------------------------------------------ users, MK
+    def _kek(self, state: dict[str, Any], salt: bytes, pin: str) -> bytes:
+        kdf = state["kdf"]
+        return hashlib.scrypt(
+            pin.encode("utf-8"), salt=salt, n=kdf["n"], r=kdf["r"], p=kdf["p"],
+            maxmem=256 * 1024 * 1024, dklen=32,
+        )
+
+    def _user_aad(self, state: dict[str, Any], name: str, role: str) -> bytes:
+        return canonical_json({"partition_id": state["partition_id"], "user": name, "role": role})
+
+    def _wrap_for_user(
+        self, state: dict[str, Any], mk: bytes, name: str, role: Role, pin: str
+    ) -> dict[str, Any]:
+        salt = secrets.token_bytes(16)
+        nonce = secrets.token_bytes(12)
+        ct = AESGCM(self._kek(state, salt, pin)).encrypt(
+            nonce, mk, self._user_aad(state, name, role.value)
+        )
+        return {
+            "role": role.value,
+            "salt": _b64(salt),
+            "wrapped_mk": _b64(nonce + ct),
+            "failed_logins": 0,
+            "locked": False,
+            "created": _now(),
+        }
+
+    def _unwrap(self, state: dict[str, Any], name: str, pin: str) -> bytes | None:
+        rec = state["users"][name]
+        blob = _unb64(rec["wrapped_mk"])
+        try:
+            return AESGCM(self._kek(state, _unb64(rec["salt"]), pin)).decrypt(
+                blob[:12], blob[12:], self._user_aad(state, name, rec["role"])
+            )
+        except InvalidTag:
+            return None
+
+    def login(self, user: str, pin: str) -> None:
+        """Log in; wrong PINs count towards a persisted, authenticated lockout."""
+        self.logout()
+        state = self._read()
+        rec = state["users"].get(user)
+        if rec is None:
+            raise LoginFailed(f"no HSM user named {user!r}")
+        if rec["locked"]:
+            raise LockedOut(
+                f"HSM user {user!r} is locked after {MAX_FAILED_LOGINS} failed logins; "
+                "a crypto officer must unlock it (hsm-ca hsm user unlock)"
+            )
+        mk = self._unwrap(state, user, pin)
+        if mk is None:
+            with self._locked() as fresh:
+                frec = fresh["users"].get(user)
+                if frec is None:
+                    raise LoginFailed(f"no HSM user named {user!r}")
+                frec["failed_logins"] += 1
+                if frec["failed_logins"] >= MAX_FAILED_LOGINS:
+                    frec["locked"] = True
+                self._write(fresh)
+            if frec["locked"]:
+                raise LockedOut(
+                    f"wrong PIN for HSM user {user!r}; the user is now locked after "
+                    f"{MAX_FAILED_LOGINS} failed logins"
+                )
+            left = MAX_FAILED_LOGINS - frec["failed_logins"]
+            raise LoginFailed(f"wrong PIN for HSM user {user!r} ({left} attempts left)")
+        if rec["failed_logins"]:
+            with self._locked() as fresh:
+                if fresh["users"].get(user, {}).get("locked"):
+                    raise LockedOut(f"HSM user {user!r} is locked")
+                fresh["users"][user]["failed_logins"] = 0
+                self._write(fresh)
+        self._mk, self._user, self._role = mk, user, Role(rec["role"])
+
+    def logout(self) -> None:
+        self._mk = None
+        self._user = None
+        self._role = None
+        self._loaded_keys.clear()
+
+    def close(self) -> None:
+        self.logout()
+
+    @property
+    def current_user(self) -> str | None:
+        return self._user
+
+    @property
+    def current_role(self) -> Role | None:
+        return self._role
+
+    def _require(self, *roles: Role) -> bytes:
+        if self._mk is None or self._role is None:
+            raise PermissionDenied("not logged in to the HSM engine")
+        if self._role not in roles:
+            wanted = " or ".join(r.value for r in roles)
+            raise PermissionDenied(
+                f"HSM user {self._user!r} is a {self._role.value}; this needs a {wanted}"
+            )
+        return self._mk
+
+    def list_users(self) -> list[UserInfo]:
+        state = self._read()
+        return [
+            UserInfo(n, Role(r["role"]), r["failed_logins"], r["locked"])
+            for n, r in sorted(state["users"].items())
+        ]
+
+    def add_user(self, name: str, role: Role, pin: str) -> None:
+        """Officer only: create a user whose PIN wraps the same master key."""
+        mk = self._require(Role.OFFICER)
+        validate_label(name)
+        _check_pin(pin)
+        with self._locked() as state:
+            if name in state["users"]:
+                raise AlreadyExists(f"HSM user {name!r} already exists")
+            state["users"][name] = self._wrap_for_user(state, mk, name, Role(role), pin)
+            self._write(state)
+
+    def remove_user(self, name: str) -> None:
+        self._require(Role.OFFICER)
+        with self._locked() as state:
+            if name not in state["users"]:
+                raise NotFound(f"no HSM user named {name!r}")
+            if name == self._user:
+                raise PermissionDenied("an officer cannot remove itself")
+            del state["users"][name]
+            self._write(state)
+
+    def unlock_user(self, name: str) -> None:
+        self._require(Role.OFFICER)
+        with self._locked() as state:
+            if name not in state["users"]:
+                raise NotFound(f"no HSM user named {name!r}")
+            state["users"][name]["failed_logins"] = 0
+            state["users"][name]["locked"] = False
+            self._write(state)
+
+    def change_pin(self, name: str, new_pin: str) -> None:
+        """Re-wrap one blob: the user's own (any role) or, for an officer, anyone's."""
+        mk = self._require(Role.OFFICER, Role.USER, Role.AUDITOR)
+        if name != self._user and self._role is not Role.OFFICER:
+            raise PermissionDenied("only a crypto officer may change another user's PIN")
+        _check_pin(new_pin)
+        with self._locked() as state:
+            rec = state["users"].get(name)
+            if rec is None:
+                raise NotFound(f"no HSM user named {name!r}")
+            state["users"][name] = self._wrap_for_user(state, mk, name, Role(rec["role"]), new_pin)
+            self._write(state)
+
+    # ------------------------------------------------------------------ keys
+    def _key_aad(self, state: dict[str, Any], label: str, rec: dict[str, Any]) -> bytes:
+        return canonical_json(
+            {
+                "partition_id": state["partition_id"],
+                "label": label,
+                "key_type": rec["key_type"],
+                "extractable": rec["extractable"],
+            }
+        )
+
+    def _handle(self, label: str, rec: dict[str, Any]) -> SoftKeyHandle:
+        return SoftKeyHandle(label, rec["key_type"], rec["extractable"], rec["public"], self)
+
+    def generate_key(self, spec: KeySpec) -> SoftKeyHandle:
+        """Generate inside the engine; only the public half is ever returned."""
+        mk = self._require(Role.USER)
+        validate_key_type(spec.key_type)
+        validate_label(spec.label)
+        if spec.extractable:
+            raise PermissionDenied("the built-in engine only makes non-extractable keys")
+        key = _generate_private_key(spec.key_type)
+        der = key.private_bytes(
+            serialization.Encoding.DER,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+        with self._locked() as state:
+            if spec.label in state["keys"]:
+                raise AlreadyExists(f"a key labelled {spec.label!r} already exists in the HSM")
+            rec: dict[str, Any] = {
+                "key_type": spec.key_type,
+                "extractable": False,
+                "public": key.public_key()
+                .public_bytes(
+                    serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+                )
+                .decode(),
+                "created": _now(),
+                "owner": self._user,
+            }
+            nonce = secrets.token_bytes(12)
+            rec["blob"] = _b64(nonce + AESGCM(mk).encrypt(nonce, der, self._key_aad(state, spec.label, rec)))
+            state["keys"][spec.label] = rec
+            self._write(state)
+        del der
+        self._loaded_keys[spec.label] = key
+        return self._handle(spec.label, rec)
+
+    def get_key(self, label: str) -> SoftKeyHandle:
+        self._require(Role.USER)
+        state = self._state_cache or self._read()
+        rec = state["keys"].get(label)
+        if rec is None:
+            state = self._read()
+            rec = state["keys"].get(label)
+        if rec is None:
+            raise KeyNotFound(f"no key labelled {label!r} in the HSM engine")
+        return self._handle(label, rec)
+
+    def list_keys(self) -> list[SoftKeyHandle]:
+        """Key metadata is public (authenticated, not secret): no login needed."""
+        state = self._read()
+        return [self._handle(label, rec) for label, rec in sorted(state["keys"].items())]
+
+    def destroy_key(self, label: str) -> None:
+        self._require(Role.USER)
+        with self._locked() as state:
+            if label not in state["keys"]:
+                raise KeyNotFound(f"no key labelled {label!r} in the HSM engine")
+            del state["keys"][label]
+            self._write(state)
+        self._loaded_keys.pop(label, None)
+
+    def generation(self) -> int:
+        return int(self._read()["generation"])
+
+    def _private_key(self, label: str) -> Any:
+        mk = self._require(Role.USER)
+        key = self._loaded_keys.get(label)
+        if key is not None:
+            return key
+        state = self._read()
+        rec = state["keys"].get(label)
+        if rec is None:
+            raise KeyNotFound(f"no key labelled {label!r} in the HSM engine")
+        blob = _unb64(rec["blob"])
+        try:
+            der = AESGCM(mk).decrypt(blob[:12], blob[12:], self._key_aad(state, label, rec))
+        except InvalidTag as e:
+            raise Tampered(f"key {label!r} failed its integrity check") from e
+        key = serialization.load_der_private_key(der, password=None)
+        del der
+        self._loaded_keys[label] = key
+        return key
+
+    def _sign(self, label: str, data: bytes, algorithm: Any, padding_: Any) -> bytes:
+        key = self._private_key(label)
+        if isinstance(key, ec.EllipticCurvePrivateKey):
+            return key.sign(data, ec.ECDSA(algorithm))
+        if isinstance(key, rsa.RSAPrivateKey):
+            return key.sign(data, padding_ or padding.PKCS1v15(), algorithm or hashes.SHA256())
+        return key.sign(data)
+
+
+def _check_pin(pin: str) -> None:
+    if not isinstance(pin, str) or len(pin) < 4:
+        raise UsageError("PINs must be at least 4 characters")
+    if len(pin) > 256:
+        raise UsageError("PINs must be at most 256 characters")

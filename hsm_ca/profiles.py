@@ -1,0 +1,263 @@
+"""Certificate profiles: named, validated data that decides every extension.
+
+A profile, never the CSR, says what a certificate may contain. Profiles are
+TOML files shipped in ``profiles/``; a file of the same name in the home's
+``profiles/`` overrides the shipped one. They are validated once, when loaded,
+with errors naming the file and the field, so a typo cannot silently issue a
+certificate with the wrong key usage.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from hsm_ca.engine.base import KEY_TYPES
+from hsm_ca.errors import ProfileInvalid, ProfileNotFound
+
+KEY_USAGES = (
+    "digital_signature",
+    "content_commitment",
+    "key_encipherment",
+    "data_encipherment",
+    "key_agreement",
+    "key_cert_sign",
+    "crl_sign",
+)
+EXTENDED_KEY_USAGES = {
+    "serverAuth": "1.3.6.1.5.5.7.3.1",
+    "clientAuth": "1.3.6.1.5.5.7.3.2",
+    "codeSigning": "1.3.6.1.5.5.7.3.3",
+    "emailProtection": "1.3.6.1.5.5.7.3.4",
+    "timeStamping": "1.3.6.1.5.5.7.3.8",
+    "OCSPSigning": "1.3.6.1.5.5.7.3.9",
+}
+SAN_KINDS = ("dns", "ip", "email", "uri")
+SUBJECT_ATTRIBUTES = ("CN", "O", "OU", "C", "L", "ST", "emailAddress", "serialNumber")
+SHIPPED_PROFILES = (
+    "root-ca",
+    "intermediate-ca",
+    "tls-server",
+    "tls-client",
+    "code-signing",
+    "ocsp-signing",
+    "timestamping",
+)
+
+
+@dataclass(frozen=True)
+class Profile:
+    """A validated certificate profile."""
+
+    name: str
+    source: str
+    description: str
+    is_ca: bool
+    path_length: int | None
+    key_usage: frozenset[str]
+    extended_key_usage: tuple[str, ...]
+    eku_critical: bool
+    key_types: tuple[str, ...]
+    san_kinds: frozenset[str]
+    san_required: bool
+    max_sans: int
+    subject_attributes: tuple[str, ...] | None
+    cn_in_san: bool
+    default_days: int
+    max_days: int
+    cabf_server_auth: bool
+    policies: tuple[str, ...]
+    subject_key_identifier: bool
+    ocsp_no_check: bool
+    crl_next_update_days: int
+    lint: bool
+
+    def eku_oids(self) -> list[str]:
+        return [EXTENDED_KEY_USAGES[e] for e in self.extended_key_usage]
+
+
+_SCHEMA: dict[str, dict[str, tuple[type, Any]]] = {
+    "": {"description": (str, "")},
+    "certificate": {
+        "ca": (bool, False),
+        "path_length": (int, None),
+        "key_usage": (list, None),
+        "extended_key_usage": (list, []),
+        "eku_critical": (bool, False),
+        "default_days": (int, None),
+        "max_days": (int, None),
+        "cabf_server_auth": (bool, False),
+        "policies": (list, []),
+        "subject_key_identifier": (bool, True),
+        "ocsp_no_check": (bool, False),
+        "lint": (bool, False),
+    },
+    "request": {
+        "key_types": (list, list(KEY_TYPES)),
+        "san_kinds": (list, []),
+        "san_required": (bool, False),
+        "max_sans": (int, 100),
+        "subject_attributes": (list, None),
+        "cn_in_san": (bool, False),
+    },
+    "crl": {"next_update_days": (int, 7)},
+}
+
+
+def _field(data: dict[str, Any], section: str, key: str, where: str) -> Any:
+    typ, default = _SCHEMA[section][key]
+    value = data.get(key, default)
+    name = f"{section}.{key}" if section else key
+    if value is None:
+        if default is None and key in ("default_days", "max_days", "key_usage"):
+            raise ProfileInvalid(f"{where}: missing required field {name!r}")
+        return None
+    if typ is int and (isinstance(value, bool) or not isinstance(value, int)):
+        raise ProfileInvalid(f"{where}: field {name!r} must be an integer, not {value!r}")
+    if not isinstance(value, typ):
+        raise ProfileInvalid(f"{where}: field {name!r} must be a {typ.__name__}, not {value!r}")
+    if typ is list and not all(isinstance(v, str) for v in value):
+        raise ProfileInvalid(f"{where}: field {name!r} must be a list of strings")
+    return value
+
+
+def _choices(values: list[str], allowed: Any, where: str, name: str) -> list[str]:
+    for v in values:
+        if v not in allowed:
+            raise ProfileInvalid(
+                f"{where}: field {name!r} has unknown value {v!r}; allowed: {', '.join(allowed)}"
+            )
+    return values
+
+
+def parse_profile(name: str, text: str, source: str) -> Profile:
+    """Validate a profile's TOML text; errors name ``source`` and the field."""
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise ProfileInvalid(f"{source}: not valid TOML: {e}") from e
+    for key, value in data.items():
+        if key in _SCHEMA and key:
+            if not isinstance(value, dict):
+                raise ProfileInvalid(f"{source}: {key!r} must be a table")
+            for sub in value:
+                if sub not in _SCHEMA[key]:
+                    raise ProfileInvalid(f"{source}: unknown field '{key}.{sub}'")
+        elif key not in _SCHEMA[""]:
+            raise ProfileInvalid(f"{source}: unknown field {key!r}")
+    cert = data.get("certificate", {})
+    req = data.get("request", {})
+    crl = data.get("crl", {})
+    if "certificate" not in data:
+        raise ProfileInvalid(f"{source}: missing table [certificate]")
+
+    is_ca = _field(cert, "certificate", "ca", source)
+    path_length = _field(cert, "certificate", "path_length", source)
+    if path_length is not None and (not is_ca or path_length < 0):
+        raise ProfileInvalid(f"{source}: 'certificate.path_length' needs ca = true and >= 0")
+    ku = _choices(_field(cert, "certificate", "key_usage", source), KEY_USAGES, source, "certificate.key_usage")
+    if is_ca and "key_cert_sign" not in ku:
+        raise ProfileInvalid(f"{source}: a CA profile's 'certificate.key_usage' needs key_cert_sign")
+    if not is_ca and ("key_cert_sign" in ku or "crl_sign" in ku):
+        raise ProfileInvalid(
+            f"{source}: 'certificate.key_usage' has key_cert_sign/crl_sign but ca = false"
+        )
+    eku = _choices(
+        _field(cert, "certificate", "extended_key_usage", source),
+        EXTENDED_KEY_USAGES, source, "certificate.extended_key_usage",
+    )
+    default_days = _field(cert, "certificate", "default_days", source)
+    max_days = _field(cert, "certificate", "max_days", source)
+    if not 1 <= default_days <= max_days:
+        raise ProfileInvalid(
+            f"{source}: need 1 <= 'certificate.default_days' <= 'certificate.max_days'"
+        )
+    policies = _field(cert, "certificate", "policies", source)
+    for oid in policies:
+        parts = oid.split(".")
+        if len(parts) < 2 or not all(p.isdigit() for p in parts):
+            raise ProfileInvalid(f"{source}: 'certificate.policies' has a bad OID {oid!r}")
+    key_types = _choices(_field(req, "request", "key_types", source), KEY_TYPES, source, "request.key_types")
+    if not key_types:
+        raise ProfileInvalid(f"{source}: 'request.key_types' must not be empty")
+    san_kinds = _choices(_field(req, "request", "san_kinds", source), SAN_KINDS, source, "request.san_kinds")
+    max_sans = _field(req, "request", "max_sans", source)
+    if not 0 <= max_sans <= 1000:
+        raise ProfileInvalid(f"{source}: 'request.max_sans' must be between 0 and 1000")
+    subject_attributes = _field(req, "request", "subject_attributes", source)
+    if subject_attributes is not None:
+        _choices(subject_attributes, SUBJECT_ATTRIBUTES, source, "request.subject_attributes")
+    san_required = _field(req, "request", "san_required", source)
+    if san_required and not san_kinds:
+        raise ProfileInvalid(f"{source}: 'request.san_required' needs 'request.san_kinds'")
+    next_update = _field(crl, "crl", "next_update_days", source)
+    if not 1 <= next_update <= 366:
+        raise ProfileInvalid(f"{source}: 'crl.next_update_days' must be between 1 and 366")
+    return Profile(
+        name=name,
+        source=source,
+        description=_field(data, "", "description", source),
+        is_ca=is_ca,
+        path_length=path_length,
+        key_usage=frozenset(ku),
+        extended_key_usage=tuple(eku),
+        eku_critical=_field(cert, "certificate", "eku_critical", source),
+        key_types=tuple(key_types),
+        san_kinds=frozenset(san_kinds),
+        san_required=san_required,
+        max_sans=max_sans,
+        subject_attributes=tuple(subject_attributes) if subject_attributes is not None else None,
+        cn_in_san=_field(req, "request", "cn_in_san", source),
+        default_days=default_days,
+        max_days=max_days,
+        cabf_server_auth=_field(cert, "certificate", "cabf_server_auth", source),
+        policies=tuple(policies),
+        subject_key_identifier=_field(cert, "certificate", "subject_key_identifier", source),
+        ocsp_no_check=_field(cert, "certificate", "ocsp_no_check", source),
+        crl_next_update_days=next_update,
+        lint=_field(cert, "certificate", "lint", source),
+    )
+
+
+def shipped_profiles_dir() -> Path:
+    """Profiles ship inside the wheel; in a source checkout they sit at the top level."""
+    inside = Path(__file__).parent / "profiles"
+    if inside.is_dir():
+        return inside
+    return Path(__file__).parent.parent / "profiles"
+
+
+class ProfileStore:
+    """Finds profiles in the home first, then among the shipped ones; caches parses."""
+
+    def __init__(self, home_profiles: Path | None) -> None:
+        self._dirs = [d for d in (home_profiles, shipped_profiles_dir()) if d is not None]
+        self._cache: dict[str, Profile] = {}
+
+    def get(self, name: str) -> Profile:
+        if name in self._cache:
+            return self._cache[name]
+        if not name or "/" in name or "\\" in name or name.startswith("."):
+            raise ProfileNotFound(f"invalid profile name {name!r}")
+        for d in self._dirs:
+            path = d / f"{name}.toml"
+            if path.is_file():
+                try:
+                    text = path.read_text(encoding="utf-8")
+                except (OSError, UnicodeDecodeError) as e:
+                    raise ProfileInvalid(f"{path}: cannot read profile: {e}") from e
+                profile = parse_profile(name, text, str(path))
+                self._cache[name] = profile
+                return profile
+        raise ProfileNotFound(
+            f"unknown profile {name!r}; available: {', '.join(self.names())}"
+        )
+
+    def names(self) -> list[str]:
+        found: set[str] = set()
+        for d in self._dirs:
+            if d.is_dir():
+                found.update(p.stem for p in d.glob("*.toml"))
+        return sorted(found)

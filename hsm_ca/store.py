@@ -1,0 +1,254 @@
+"""The CA's state: one SQLite database, reached through sqlite-utils.
+
+WAL mode with synchronous=FULL makes every commit durable before we return a
+certificate; writes run in ``BEGIN IMMEDIATE`` transactions so concurrent
+processes queue on the write lock instead of failing half-way; the schema is
+versioned and migrated forward in one transaction.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import sqlite3
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import sqlite_utils
+
+from hsm_ca.errors import ConfigError
+
+SCHEMA_VERSION = 1
+
+
+def _migration_1(db: sqlite_utils.Database) -> None:
+    db["meta"].create({"key": str, "value": str}, pk="key")
+    db["cas"].create(
+        {
+            "name": str,
+            "parent": str,
+            "key_label": str,
+            "key_type": str,
+            "subject": str,
+            "serial": str,
+            "ski": str,
+            "not_before": str,
+            "not_after": str,
+            "path_length": int,
+            "pem": str,
+            "created": str,
+            "crl_number": int,
+        },
+        pk="name",
+        not_null={"key_label", "key_type", "subject", "serial", "pem", "created"},
+        defaults={"crl_number": 0},
+    )
+    db["serials"].create(
+        {"serial": str, "ca": str, "state": str, "created": str},
+        pk="serial",
+        not_null={"ca", "state"},
+    )
+    db["certificates"].create(
+        {
+            "serial": str,
+            "ca": str,
+            "profile": str,
+            "subject": str,
+            "sans": str,
+            "key_type": str,
+            "not_before": str,
+            "not_after": str,
+            "sha256": str,
+            "csr_sha256": str,
+            "pem": str,
+            "created": str,
+            "status": str,
+            "revoked_at": str,
+            "revocation_reason": str,
+            "invalidity_date": str,
+        },
+        pk="serial",
+        not_null={"ca", "profile", "subject", "sha256", "pem", "status"},
+        defaults={"status": "valid"},
+    )
+    db["certificates"].create_index(["ca", "status"])
+    db["audit"].create(
+        {
+            "seq": int,
+            "time": str,
+            "os_user": str,
+            "hsm_user": str,
+            "action": str,
+            "ca": str,
+            "key_label": str,
+            "profile": str,
+            "serial": str,
+            "subject": str,
+            "csr_sha256": str,
+            "object_sha256": str,
+            "outcome": str,
+            "detail": str,
+            "chain": str,
+        },
+        pk="seq",
+        not_null={"time", "action", "outcome", "chain"},
+    )
+    db["audit"].create_index(["serial"])
+
+
+MIGRATIONS: dict[int, Callable[[sqlite_utils.Database], None]] = {1: _migration_1}
+
+
+class Store:
+    """The CA database. Only this module and audit.py write SQL."""
+
+    def __init__(self, path: Path, *, create: bool = False) -> None:
+        self.path = Path(path)
+        if not create and not self.path.exists():
+            raise ConfigError(f"no CA database at {self.path}; run 'hsm-ca init' first")
+        if create:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+            os.close(fd)
+        try:
+            conn = sqlite3.connect(str(self.path), isolation_level=None, timeout=60.0)
+            conn.execute("PRAGMA busy_timeout = 60000")
+            mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+            conn.execute("PRAGMA synchronous = FULL")
+            conn.execute("PRAGMA foreign_keys = ON")
+        except sqlite3.DatabaseError as e:
+            raise ConfigError(f"CA database {self.path} is unreadable: {e}") from e
+        if mode.lower() != "wal":
+            raise ConfigError(f"CA database {self.path} could not switch to WAL mode")
+        self.conn = conn
+        self.db = sqlite_utils.Database(conn)
+        self._migrate()
+
+    def close(self) -> None:
+        self.conn.close()
+
+    # ------------------------------------------------------------ schema
+    def _version(self) -> int:
+        if "meta" not in self.db.table_names():
+            return 0
+        row = self.conn.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
+        return int(row[0]) if row else 0
+
+    def _migrate(self) -> None:
+        try:
+            if self._version() >= SCHEMA_VERSION:
+                if self._version() > SCHEMA_VERSION:
+                    raise ConfigError(
+                        f"CA database {self.path} has schema {self._version()}, newer than "
+                        f"this hsm-ca understands ({SCHEMA_VERSION}); upgrade hsm-ca"
+                    )
+                return
+            with self.transaction():
+                current = self._version()
+                for version in range(current + 1, SCHEMA_VERSION + 1):
+                    MIGRATIONS[version](self.db)
+                self.set_meta("schema_version", str(SCHEMA_VERSION))
+        except sqlite3.DatabaseError as e:
+            raise ConfigError(f"CA database {self.path} is unusable: {e}") from e
+
+    # ------------------------------------------------------- transactions
+    @contextlib.contextmanager
+    def transaction(self) -> Iterator[Store]:
+        """``BEGIN IMMEDIATE`` … ``COMMIT``: take the write lock up front, all or nothing."""
+        if self.conn.in_transaction:
+            yield self
+            return
+        self.conn.execute("BEGIN IMMEDIATE")
+        try:
+            yield self
+        except BaseException:
+            self.conn.execute("ROLLBACK")
+            raise
+        self.conn.execute("COMMIT")
+
+    # -------------------------------------------------------------- meta
+    def get_meta(self, key: str) -> str | None:
+        row = self.conn.execute("SELECT value FROM meta WHERE key=?", (key,)).fetchone()
+        return row[0] if row else None
+
+    def set_meta(self, key: str, value: str) -> None:
+        self.conn.execute(
+            "INSERT INTO meta(key, value) VALUES(?, ?) "
+            "ON CONFLICT(key) DO UPDATE SET value=excluded.value",
+            (key, value),
+        )
+
+    # --------------------------------------------------------------- CAs
+    def insert_ca(self, row: dict[str, Any]) -> None:
+        self.db["cas"].insert(row)
+
+    def get_ca(self, name: str) -> dict[str, Any] | None:
+        rows = list(self.db["cas"].rows_where("name = ?", [name]))
+        return rows[0] if rows else None
+
+    def list_cas(self) -> list[dict[str, Any]]:
+        return list(self.db["cas"].rows_where(order_by="created, name"))
+
+    def ca_using_key(self, label: str) -> str | None:
+        row = self.conn.execute("SELECT name FROM cas WHERE key_label=?", (label,)).fetchone()
+        return row[0] if row else None
+
+    # ----------------------------------------------------------- serials
+    def reserve_serial(self, serial: str, ca: str, created: str) -> bool:
+        """Reserve a serial for ``ca``; False if it was ever used before (by any CA)."""
+        try:
+            self.conn.execute(
+                "INSERT INTO serials(serial, ca, state, created) VALUES(?, ?, 'intent', ?)",
+                (serial, ca, created),
+            )
+        except sqlite3.IntegrityError:
+            return False
+        return True
+
+    def mark_serial(self, serial: str, state: str) -> None:
+        self.conn.execute("UPDATE serials SET state=? WHERE serial=?", (state, serial))
+
+    def serials_in_state(self, state: str) -> list[dict[str, Any]]:
+        return list(self.db["serials"].rows_where("state = ?", [state], order_by="created"))
+
+    # ------------------------------------------------------ certificates
+    def insert_certificate(self, row: dict[str, Any]) -> None:
+        row = dict(row)
+        if isinstance(row.get("sans"), list | tuple):
+            row["sans"] = json.dumps(row["sans"])
+        self.db["certificates"].insert(row)
+
+    def get_certificate(self, serial: str) -> dict[str, Any] | None:
+        rows = list(self.db["certificates"].rows_where("serial = ?", [serial]))
+        return _decode_cert(rows[0]) if rows else None
+
+    def list_certificates(
+        self, ca: str | None = None, revoked: bool = False, limit: int | None = None
+    ) -> list[dict[str, Any]]:
+        where, args = [], []
+        if ca is not None:
+            where.append("ca = ?")
+            args.append(ca)
+        if revoked:
+            where.append("status = 'revoked'")
+        return [
+            _decode_cert(r)
+            for r in self.db["certificates"].rows_where(
+                " AND ".join(where) or None, args, order_by="created, serial", limit=limit
+            )
+        ]
+
+    def iter_certificates(self) -> Iterator[dict[str, Any]]:
+        yield from self.db["certificates"].rows_where(
+            select="serial, ca, sha256, pem", order_by="serial"
+        )
+
+    def count(self, table: str) -> int:
+        return self.db[table].count
+
+
+def _decode_cert(row: dict[str, Any]) -> dict[str, Any]:
+    row = dict(row)
+    row["sans"] = json.loads(row["sans"]) if row.get("sans") else []
+    return row

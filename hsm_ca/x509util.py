@@ -1,0 +1,78 @@
+"""Small X.509 helpers shared by the services (no policy, no state)."""
+
+from __future__ import annotations
+
+import base64
+import datetime as _dt
+import hashlib
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
+
+
+def pem_to_der(pem: str) -> bytes:
+    """Decode one PEM block without a full X.509 parse (hashing must be cheap)."""
+    lines = [ln for ln in pem.strip().splitlines() if ln and not ln.startswith("-----")]
+    return base64.b64decode("".join(lines))
+
+
+def pem_sha256(pem: str) -> str:
+    return hashlib.sha256(pem_to_der(pem)).hexdigest()
+
+
+def cert_pem(cert: x509.Certificate) -> str:
+    return cert.public_bytes(serialization.Encoding.PEM).decode("ascii")
+
+
+def rfc3339(when: _dt.datetime) -> str:
+    """RFC 3339 UTC with a Z, the format of every time hsm-ca prints."""
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=_dt.UTC)
+    return when.astimezone(_dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def parse_rfc3339(text: str) -> _dt.datetime:
+    return _dt.datetime.strptime(text, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=_dt.UTC)
+
+
+def signature_hash_for(key_type: str) -> hashes.HashAlgorithm | None:
+    """The hash a CA key of this type signs with (None: Ed25519 has its own)."""
+    return {
+        "ec-p256": hashes.SHA256(),
+        "ec-p384": hashes.SHA384(),
+        "ec-p521": hashes.SHA512(),
+    }.get(key_type, None if key_type == "ed25519" else hashes.SHA256())
+
+
+def is_rsa(public_key: object) -> bool:
+    return isinstance(public_key, rsa.RSAPublicKey)
+
+
+def is_ec(public_key: object) -> bool:
+    return isinstance(public_key, ec.EllipticCurvePublicKey)
+
+
+def ski_hex(cert: x509.Certificate) -> str | None:
+    try:
+        return cert.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value.digest.hex()
+    except x509.ExtensionNotFound:
+        return None
+
+
+def sans_as_strings(cert: x509.Certificate) -> list[str]:
+    """SANs as ``kind:value`` strings for tables and JSON."""
+    try:
+        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except x509.ExtensionNotFound:
+        return []
+    out = []
+    for name in san:
+        kind = {
+            x509.DNSName: "DNS",
+            x509.IPAddress: "IP",
+            x509.RFC822Name: "email",
+            x509.UniformResourceIdentifier: "URI",
+        }.get(type(name), type(name).__name__)
+        out.append(f"{kind}:{name.value}")
+    return out
