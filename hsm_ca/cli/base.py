@@ -65,8 +65,8 @@ class HsmCaGroup(click.Group):
     def run(self, argv: list[str] | None) -> int:
         debug = "--debug" in (argv if argv is not None else sys.argv[1:])
         try:
-            self.main(args=argv, prog_name="hsm-ca", standalone_mode=False)
-            return 0
+            rv = self.main(args=argv, prog_name="hsm-ca", standalone_mode=False)
+            return rv if isinstance(rv, int) else 0
         except click.exceptions.Exit as e:
             return e.exit_code
         except click.exceptions.Abort:

@@ -1,0 +1,134 @@
+"""The audit trail: chained, complete, and loud about any edit."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from pathlib import Path
+
+from conftest import Cli, make_csr
+
+from hsm_ca.audit import GENESIS, chain_value
+
+
+def _issue(cli: Cli, tmp_path: Path, n: int = 2) -> list[str]:
+    serials = []
+    for i in range(n):
+        p = tmp_path / f"c{i}.csr"
+        p.write_bytes(make_csr(dns=[f"h{i}.example.com"]))
+        serials.append(json.loads(cli.ok("--json", "sign", str(p), "--ca", "issuing",
+                                          "--profile", "tls-server").out)["serial"])
+    return serials
+
+
+def _db(cli: Cli) -> sqlite3.Connection:
+    return sqlite3.connect(cli.home / "ca.db", isolation_level=None)
+
+
+def test_every_signing_is_recorded_with_intent_then_issued(pki: Cli, tmp_path: Path) -> None:
+    serial = _issue(pki, tmp_path, 1)[0]
+    records = json.loads(pki.ok("--json", "audit", "list").out)
+    mine = [r for r in records if r["serial"] == serial]
+    assert [r["outcome"] for r in mine] == ["intent", "issued"]
+    issued = mine[1]
+    cert = json.loads(pki.ok("--json", "show", serial).out)
+    assert issued["object_sha256"] == cert["sha256"]
+    assert issued["csr_sha256"] and issued["key_label"] == "ca-issuing"
+    assert issued["profile"] == "tls-server" and issued["ca"] == "issuing"
+    assert issued["os_user"] and issued["hsm_user"] == "crypto-user"
+    # CA creation is recorded too: both CA certificates have issued records
+    cas = {r["serial"] for r in records if r["outcome"] == "issued"}
+    for name in ("root", "issuing"):
+        ca = json.loads(pki.ok("--json", "ca", "list").out)
+        assert {c["serial"] for c in ca if c["name"] == name} <= cas
+    # the chain recomputes from genesis
+    prev = GENESIS
+    for r in records:
+        assert chain_value(prev, r) == r["chain"]
+        prev = r["chain"]
+
+
+def test_verify_passes_then_catches_an_edited_record(pki: Cli, tmp_path: Path) -> None:
+    _issue(pki, tmp_path)
+    assert pki.ok("audit", "verify").out.startswith("Audit trail intact")
+    with _db(pki) as db:
+        db.execute("UPDATE audit SET subject='CN=evil' WHERE seq=5")
+    r = pki("audit", "verify")
+    assert r.code == 1 and "record 5" in r.err and "altered" in r.err
+
+
+def test_verify_catches_a_deleted_record(pki: Cli, tmp_path: Path) -> None:
+    _issue(pki, tmp_path)
+    with _db(pki) as db:
+        db.execute("DELETE FROM audit WHERE seq=4")
+    r = pki("audit", "verify")
+    assert r.code == 1 and "record 4" in r.err
+
+
+def test_verify_catches_reordered_records(pki: Cli, tmp_path: Path) -> None:
+    _issue(pki, tmp_path)
+    with _db(pki) as db:
+        cols = "time, os_user, hsm_user, action, ca, key_label, profile, serial, subject, " \
+               "csr_sha256, object_sha256, outcome, detail, chain"
+        a = db.execute(f"SELECT {cols} FROM audit WHERE seq=6").fetchone()
+        b = db.execute(f"SELECT {cols} FROM audit WHERE seq=7").fetchone()
+        sets = ", ".join(f"{c.strip()}=?" for c in cols.split(","))
+        db.execute(f"UPDATE audit SET {sets} WHERE seq=6", b)
+        db.execute(f"UPDATE audit SET {sets} WHERE seq=7", a)
+    r = pki("audit", "verify")
+    assert r.code == 1 and "record 6" in r.err
+
+
+def test_verify_catches_a_cut_tail(pki: Cli, tmp_path: Path) -> None:
+    _issue(pki, tmp_path)
+    with _db(pki) as db:
+        last = db.execute("SELECT max(seq) FROM audit").fetchone()[0]
+        db.execute("DELETE FROM audit WHERE seq=?", (last,))
+    r = pki("audit", "verify")
+    assert r.code == 1 and "removed" in r.err
+
+
+def test_verify_catches_certificate_without_record(pki: Cli, tmp_path: Path) -> None:
+    serial = _issue(pki, tmp_path, 1)[0]
+    with _db(pki) as db:
+        db.execute("UPDATE certificates SET serial='abcdef1234567890' WHERE serial=?", (serial,))
+    r = pki("audit", "verify")
+    assert r.code == 1 and "abcdef1234567890" in r.err
+
+
+def test_verify_catches_an_edited_certificate(pki: Cli, tmp_path: Path) -> None:
+    serial = _issue(pki, tmp_path, 1)[0]
+    with _db(pki) as db:
+        pem = db.execute("SELECT pem FROM certificates WHERE serial=?", (serial,)).fetchone()[0]
+        other = db.execute("SELECT pem FROM certificates WHERE serial!=? LIMIT 1", (serial,)).fetchone()[0]
+        assert pem != other
+        db.execute("UPDATE certificates SET pem=? WHERE serial=?", (other, serial))
+    r = pki("audit", "verify")
+    assert r.code == 1 and serial in r.err
+
+
+def test_export_is_json_lines(pki: Cli, tmp_path: Path) -> None:
+    out = tmp_path / "audit.jsonl"
+    pki.ok("audit", "export", "-o", str(out))
+    lines = out.read_text().splitlines()
+    records = [json.loads(line) for line in lines]
+    assert [r["seq"] for r in records] == list(range(1, len(records) + 1))
+    assert all("chain" in r for r in records)
+    since = json.loads(pki.ok("--json", "audit", "list", "--since", "3").out)
+    assert since[0]["seq"] == 4
+
+
+def test_refused_requests_are_recorded(pki: Cli, tmp_path: Path) -> None:
+    bad = tmp_path / "bad.csr"
+    bad.write_bytes(b"garbage")
+    assert pki("sign", str(bad), "--ca", "issuing", "--profile", "tls-server").code == 1
+    assert pki("sign", str(bad), "--ca", "nope", "--profile", "tls-server").code == 1
+    good = tmp_path / "g.csr"
+    good.write_bytes(make_csr(dns=["a.example.com"]))
+    assert pki("sign", str(good), "--ca", "issuing", "--profile", "nope").code == 1
+    records = json.loads(pki.ok("--json", "audit", "list").out)
+    refused = [r for r in records if r["outcome"] == "refused"]
+    assert len(refused) == 3
+    assert {r["ca"] for r in refused} == {"issuing", "nope"}
+    assert all(r["detail"] for r in refused)
+    pki.ok("audit", "verify")
