@@ -533,6 +533,11 @@ class Authority:
             now = _now()
             if now > ca.not_after:
                 raise PolicyViolation(f"CA {ca_name!r} expired on {rfc3339(ca.not_after)}")
+            if profile.cabf_server_auth and ca.key_type == "ed25519":
+                raise PolicyViolation(
+                    f"profile {profile.name} follows the CA/Browser Forum baseline requirements, "
+                    f"which do not allow Ed25519 signatures; CA {ca_name!r} has an Ed25519 key"
+                )
             path_length = None
             if profile.is_ca:
                 path_length = self._child_path_length(ca, profile.path_length)
