@@ -28,7 +28,7 @@ from typing import Any
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.types import PublicKeyTypes
-from cryptography.x509.oid import AuthorityInformationAccessOID
+from cryptography.x509.oid import AuthorityInformationAccessOID, NameOID
 
 from hsm_ca.audit import Actor, AuditLog, os_user
 from hsm_ca.config import (
@@ -332,6 +332,20 @@ class Authority:
             self.audit.append(self.actor(), "login", "ok")
         return self._engine
 
+    def revoke(
+        self, serial: str, reason: str = "unspecified", invalidity_date: _dt.datetime | None = None
+    ) -> Any:
+        """Revoke a certificate by serial (see revocation.revoke)."""
+        from hsm_ca.revocation import revoke
+
+        return revoke(self, serial, reason, invalidity_date)
+
+    def crl(self, ca_name: str, *, delta: bool = False) -> Any:
+        """Sign a fresh full or delta CRL for a CA (see revocation.sign_crl)."""
+        from hsm_ca.revocation import sign_crl
+
+        return sign_crl(self, ca_name, delta=delta)
+
     def list_keys(self) -> list[dict[str, Any]]:
         engine = self.engine(login=False)
         lister = getattr(engine, "list_keys_public", None) or engine.list_keys
@@ -342,6 +356,9 @@ class Authority:
         used: dict[str, list[str]] = {}
         for ca in self.store.list_cas():
             used.setdefault(ca["key_label"], []).append(f"ca:{ca['name']}")
+            responder = self.store.get_responder(ca["name"])
+            if responder:
+                used.setdefault(responder["key_label"], []).append(f"ocsp:{ca['name']}")
         return [
             {
                 "label": k.label,
@@ -810,6 +827,85 @@ class Authority:
             )
         return b
 
+    def issue_for_engine_key(
+        self,
+        ca_name: str,
+        profile_name: str,
+        subject: x509.Name,
+        key_label: str,
+        key_type: str,
+        *,
+        days: int | None = None,
+        reuse_key: bool = False,
+    ) -> IssuedCertificate:
+        """Issue a certificate for a key generated inside the engine (responders, signers, TSA).
+
+        With ``reuse_key`` an existing key of that label is certified again
+        (renewal); otherwise the label must be new (or an orphan of an
+        interrupted run).
+        """
+        validate_key_type(key_type)
+        actor = self.actor()
+        try:
+            profile = self.profiles.get(profile_name)
+            ca = self.get_ca(ca_name)
+            if key_type not in profile.key_types:
+                raise PolicyViolation(f"key type {key_type} is not allowed by profile {profile_name}")
+            now = _now()
+            if now > ca.not_after:
+                raise PolicyViolation(f"CA {ca_name!r} expired on {rfc3339(ca.not_after)}")
+            nb, na = _validity(profile, days, now, ca)
+        except HsmCaError as e:
+            self.audit.append(actor, "issue", "refused", ca=ca_name, profile=profile_name,
+                              subject=subject.rfc4514_string(), key_label=key_label, detail=str(e))
+            raise
+        handle: KeyHandle | None = None
+        if reuse_key:
+            with contextlib.suppress(KeyNotFound):
+                handle = self.engine().get_key(key_label)
+        if handle is None:
+            handle = self._new_key(key_label, key_type, actor)
+        draft = _Draft(
+            profile=profile, subject=subject, public_key=handle.public_key(), sans=(),
+            not_before=nb, not_after=na, csr_sha256=None, key_type=handle.key_type,
+            source=key_label,
+        )
+        signer = CertificateAuthority(self, ca)
+        result = self._issue_batch(
+            [draft], ca_name=ca.name, issuer_name=ca.subject, issuer_handle=signer.key_handle(),
+            issuer_key_type=ca.key_type, issuer_cert=ca.certificate, new_ca=None,
+        )[0]
+        if isinstance(result, Refusal):
+            raise result.error
+        return IssuedCertificate(result.certificate, result.ca, result.profile,
+                                 tuple(self.chain(ca.name, include_root=False)), key_label)
+
+    def create_ocsp_responder(
+        self, ca_name: str, *, key_type: str | None = None, days: int | None = None
+    ) -> IssuedCertificate:
+        """A delegated OCSP responder certificate (ocsp-signing profile) for a CA.
+
+        Renewing re-certifies the same engine key; the new certificate replaces
+        the old one in the responder table at once.
+        """
+        ca = self.get_ca(ca_name)
+        existing = self.store.get_responder(ca_name)
+        label = existing["key_label"] if existing else f"ocsp-{ca_name}"
+        if key_type is None:
+            key_type = "ec-p256" if ca.key_type == "ed25519" else ca.key_type
+        cn = f"OCSP Responder {ca_name}"
+        subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
+        issued = self.issue_for_engine_key(
+            ca_name, "ocsp-signing", subject, label, key_type, days=days,
+            reuse_key=existing is not None,
+        )
+        c = issued.certificate
+        self.store.set_responder({
+            "ca": ca_name, "key_label": label, "serial": issued.serial, "pem": issued.pem,
+            "not_after": rfc3339(c.not_valid_after_utc), "created": rfc3339(_now()),
+        })
+        return issued
+
     # ------------------------------------------------------------- queries
     def list_certificates(self, ca: str | None = None, revoked: bool = False) -> list[dict[str, Any]]:
         if ca is not None:
@@ -841,6 +937,7 @@ def _cert_summary(row: dict[str, Any]) -> dict[str, Any]:
         "ca": row["ca"],
         "profile": row["profile"],
         "subject": row["subject"],
+        "name": row["subject"] or (row["sans"][0] if row["sans"] else ""),
         "sans": row["sans"],
         "not_before": row["not_before"],
         "not_after": row["not_after"],

@@ -20,7 +20,7 @@ import sqlite_utils
 
 from hsm_ca.errors import ConfigError
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 
 def _migration_1(db: sqlite_utils.Database) -> None:
@@ -98,7 +98,33 @@ def _migration_1(db: sqlite_utils.Database) -> None:
     db["audit"].create_index(["serial"])
 
 
-MIGRATIONS: dict[int, Callable[[sqlite_utils.Database], None]] = {1: _migration_1}
+def _migration_2(db: sqlite_utils.Database) -> None:
+    db["crls"].create(
+        {
+            "ca": str,
+            "number": int,
+            "base_number": int,
+            "this_update": str,
+            "next_update": str,
+            "entries": int,
+            "epoch": int,
+            "sha256": str,
+            "der": bytes,
+            "created": str,
+        },
+        pk=("ca", "number"),
+        not_null={"this_update", "next_update", "sha256", "der"},
+    )
+    db["responders"].create(
+        {"ca": str, "key_label": str, "serial": str, "pem": str, "not_after": str, "created": str},
+        pk="ca",
+        not_null={"key_label", "serial", "pem"},
+    )
+    db["certificates"].add_column("revoked_epoch", int)
+    db["certificates"].create_index(["ca", "revoked_epoch"])
+
+
+MIGRATIONS: dict[int, Callable[[sqlite_utils.Database], None]] = {1: _migration_1, 2: _migration_2}
 
 
 class Store:
@@ -243,6 +269,68 @@ class Store:
         yield from self.db["certificates"].rows_where(
             select="serial, ca, sha256, pem", order_by="serial"
         )
+
+    # ------------------------------------------------------- revocation
+    def revoke(self, serial: str, revoked_at: str, reason: str, invalidity_date: str | None) -> None:
+        """Mark revoked, stamped with a fresh revocation epoch (what delta CRLs select on)."""
+        epoch = self.bump_revocation_epoch()
+        self.conn.execute(
+            "UPDATE certificates SET status='revoked', revoked_at=?, revocation_reason=?, "
+            "invalidity_date=?, revoked_epoch=? WHERE serial=?",
+            (revoked_at, reason, invalidity_date, epoch, serial),
+        )
+
+    def bump_revocation_epoch(self) -> int:
+        self.conn.execute(
+            "INSERT INTO meta(key, value) VALUES('revocation_epoch', '1') "
+            "ON CONFLICT(key) DO UPDATE SET value=CAST(value AS INTEGER) + 1"
+        )
+        return self.revocation_epoch()
+
+    def revocation_epoch(self) -> int:
+        row = self.conn.execute("SELECT value FROM meta WHERE key='revocation_epoch'").fetchone()
+        return int(row[0]) if row else 0
+
+    def revoked_entries(
+        self, ca: str, after_epoch: int | None = None
+    ) -> list[tuple[str, str, str, str | None]]:
+        """(serial, revoked_at, reason, invalidity_date) of a CA's revoked certificates."""
+        sql = ("SELECT serial, revoked_at, revocation_reason, invalidity_date FROM certificates "
+               "WHERE ca=? AND status='revoked'")
+        args: list[Any] = [ca]
+        if after_epoch is not None:
+            sql += " AND revoked_epoch > ?"
+            args.append(after_epoch)
+        return self.conn.execute(sql, args).fetchall()
+
+    def status_of(self, ca: str, serial: str) -> tuple[str, str | None, str | None] | None:
+        """(status, revoked_at, reason) when ``ca`` issued ``serial``, else None."""
+        row = self.conn.execute(
+            "SELECT status, revoked_at, revocation_reason FROM certificates WHERE serial=? AND ca=?",
+            (serial, ca),
+        ).fetchone()
+        return (row[0], row[1], row[2]) if row else None
+
+    def next_crl_number(self, ca: str) -> int:
+        """Reserve the CA's next CRL number (call inside a transaction; never reused)."""
+        self.conn.execute("UPDATE cas SET crl_number = crl_number + 1 WHERE name=?", (ca,))
+        return int(self.conn.execute("SELECT crl_number FROM cas WHERE name=?", (ca,)).fetchone()[0])
+
+    def insert_crl(self, row: dict[str, Any]) -> None:
+        self.db["crls"].insert(row)
+
+    def latest_crl(self, ca: str, delta: bool = False) -> dict[str, Any] | None:
+        cond = "base_number IS NOT NULL" if delta else "base_number IS NULL"
+        rows = list(self.db["crls"].rows_where(
+            f"ca = ? AND {cond}", [ca], order_by="number desc", limit=1))
+        return rows[0] if rows else None
+
+    def set_responder(self, row: dict[str, Any]) -> None:
+        self.db["responders"].upsert(row, pk="ca")
+
+    def get_responder(self, ca: str) -> dict[str, Any] | None:
+        rows = list(self.db["responders"].rows_where("ca = ?", [ca]))
+        return rows[0] if rows else None
 
     def count(self, table: str) -> int:
         return self.db[table].count

@@ -33,6 +33,9 @@ def register(cli: click.Group) -> None:
     cli.add_command(show)
     cli.add_command(keys)
     cli.add_command(audit)
+    cli.add_command(revoke)
+    cli.add_command(crl)
+    cli.add_command(serve)
 
 
 # ------------------------------------------------------------------ init
@@ -186,6 +189,30 @@ def ca_export(name: str, chain: bool, output: str | None) -> None:
         click.echo(pem, nl=False)
 
 
+@ca.command("ocsp-responder")
+@click.argument("name")
+@click.option("--key-type", type=KEY_TYPE_CHOICE, default=None,
+              help="Responder key type (default: the CA's, ec-p256 for Ed25519 CAs).")
+@click.option("--days", type=click.IntRange(min=1), default=None)
+@click.option("-o", "--output", type=click.Path(dir_okay=False), metavar="FILE")
+@pin_file_option
+@json_flag
+def ca_ocsp_responder(name: str, key_type: str | None, days: int | None, output: str | None,
+                      pin_file: str | None) -> None:
+    """Issue (or renew) CA NAME's delegated OCSP responder certificate (key in the HSM)."""
+    st = state()
+    issued = st.authority(pin_file).create_ocsp_responder(name, key_type=key_type, days=days)
+    if output:
+        with translate_os_errors(f"cannot write {output}"):
+            write_output(output, issued.pem.encode())
+    info = issued.as_dict()
+    if st.as_json:
+        emit_json(info)
+    else:
+        click.echo(f"OCSP responder for {name}: serial {info['serial']}, valid until "
+                   f"{info['not_after']}")
+
+
 # ----------------------------------------------------------------- issuing
 @click.command()
 @json_flag
@@ -293,8 +320,8 @@ def list_certs(ca_name: str | None, revoked: bool) -> None:
         emit_json(rows)
         return
     print_table(
-        ["serial", "ca", "profile", "subject", "not after", "status"],
-        [[r["serial"], r["ca"], r["profile"], r["subject"], r["not_after"], r["status"]] for r in rows],
+        ["serial", "ca", "profile", "subject (or first SAN)", "not after", "status"],
+        [[r["serial"], r["ca"], r["profile"], r["name"], r["not_after"], r["status"]] for r in rows],
     )
 
 
@@ -395,3 +422,71 @@ def audit_export(output: str | None) -> None:
             write_output(output, data.encode())
     else:
         click.echo(data, nl=False)
+
+
+# -------------------------------------------------------------- revocation
+REASON_CHOICE = click.Choice([
+    "unspecified", "keyCompromise", "cACompromise", "affiliationChanged", "superseded",
+    "cessationOfOperation", "certificateHold", "privilegeWithdrawn", "aACompromise",
+])
+
+
+@click.command()
+@click.argument("serial")
+@click.option("--reason", type=REASON_CHOICE, default="unspecified", show_default=True)
+@click.option("--invalidity-date", type=click.DateTime(["%Y-%m-%dT%H:%M:%SZ", "%Y-%m-%d"]),
+              default=None, help="When the key is known or suspected to have been compromised (UTC).")
+@json_flag
+def revoke(serial: str, reason: str, invalidity_date: object) -> None:
+    """Revoke a certificate by serial."""
+    st = state()
+    result = st.authority().revoke(serial, reason, invalidity_date)  # type: ignore[arg-type]
+    if st.as_json:
+        emit_json(result.as_dict())
+    else:
+        click.echo(f"Revoked {result.serial} (CA {result.ca}, reason {result.reason})")
+
+
+@click.command()
+@click.argument("name")
+@click.option("--der", is_flag=True, help="Write DER instead of PEM.")
+@click.option("--delta", is_flag=True, help="Sign a delta CRL against the latest full CRL.")
+@click.option("-o", "--output", type=click.Path(dir_okay=False), metavar="FILE")
+@pin_file_option
+@json_flag
+def crl(name: str, der: bool, delta: bool, output: str | None, pin_file: str | None) -> None:
+    """Sign a fresh CRL for CA NAME with the next CRL number."""
+    st = state()
+    result = st.authority(pin_file).crl(name, delta=delta)
+    data = result.der() if der else result.pem()
+    if output:
+        with translate_os_errors(f"cannot write {output}"):
+            write_output(output, data)
+    if st.as_json:
+        info = result.as_dict()
+        if output:
+            info["file"] = output
+        elif not der:
+            info["pem"] = data.decode()
+        emit_json(info)
+        return
+    if not output:
+        click.get_binary_stream("stdout").write(data)
+    click.echo(f"CRL {result.number} of {name}: {result.entries} entries"
+               + (f" (delta on {result.delta_base})" if delta else "")
+               + (f" -> {output}" if output else ""), err=not output)
+
+
+@click.command()
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", type=click.IntRange(0, 65535), default=8080, show_default=True)
+@click.option("--log-level", type=click.Choice(["critical", "error", "warning", "info", "debug"]),
+              default="info", show_default=True)
+@pin_file_option
+def serve(host: str, port: int, log_level: str, pin_file: str | None) -> None:
+    """Serve CA certificates, CRLs, OCSP and time stamps over HTTP."""
+    from hsm_ca.server import serve as run
+
+    auth = state().authority(pin_file)
+    auth.engine()  # log in now: a wrong PIN fails here, not on the first request
+    run(auth, host, port, log_level=log_level)
