@@ -364,3 +364,28 @@ def test_so_pin_is_not_the_user_pin(cli: Cli, monkeypatch: pytest.MonkeyPatch) -
     r = cli("init", "--scrypt-n", "1024")
     assert r.code == 2 and not cli.home.exists()
     monkeypatch.setenv("HSM_CA_SO_PIN", SO_PIN)
+
+
+def test_no_file_in_the_home_holds_a_private_key(pki: Cli, csr_file: Path) -> None:
+    import base64
+
+    from hsm_ca.engine.soft import SoftEngine
+
+    pki.ok("sign", str(csr_file), "--ca", "issuing", "--profile", "tls-server")
+    engine = SoftEngine(pki.home / "hsm")
+    engine.login("crypto-user", USER_PIN)
+    needles = []
+    for label in ("ca-root", "ca-issuing"):
+        key = engine._private_key(label)
+        scalar = key.private_numbers().private_value
+        needles.append(scalar.to_bytes((scalar.bit_length() + 7) // 8, "big"))
+        der = key.private_bytes(serialization.Encoding.DER, serialization.PrivateFormat.PKCS8,
+                                serialization.NoEncryption())
+        needles += [der, base64.b64encode(der), base64.b64encode(der)[:40]]
+    files = [p for p in pki.home.rglob("*") if p.is_file()]
+    assert any(p.name == "ca.db" for p in files)
+    for p in files:
+        data = p.read_bytes()
+        for n in needles:
+            assert n not in data, p
+        assert b"PRIVATE KEY" not in data, p
