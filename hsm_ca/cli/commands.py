@@ -471,7 +471,14 @@ def crl(name: str, der: bool, delta: bool, output: str | None, pin_file: str | N
         emit_json(info)
         return
     if not output:
-        click.get_binary_stream("stdout").write(data)
+        if der:
+            import sys
+
+            sys.stdout.flush()
+            sys.stdout.buffer.write(data)
+            sys.stdout.buffer.flush()
+        else:
+            click.echo(data.decode("ascii"), nl=False)
     click.echo(f"CRL {result.number} of {name}: {result.entries} entries"
                + (f" (delta on {result.delta_base})" if delta else "")
                + (f" -> {output}" if output else ""), err=not output)

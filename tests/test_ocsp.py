@@ -1,0 +1,177 @@
+"""The OCSP responder's decisions, at the library level (HTTP is in tests/interop)."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from conftest import USER_PIN, Cli, make_csr
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.x509 import ocsp
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from hsm_ca.authority import Authority
+from hsm_ca.config import load_config
+from hsm_ca.ocsp import OcspResponder
+
+
+@pytest.fixture
+def responder(pki: Cli) -> Iterator[tuple[OcspResponder, Cli]]:
+    auth = Authority(load_config(pki.home), pin=lambda: USER_PIN)
+    yield OcspResponder(auth, cache_seconds=300), pki
+    auth.close()
+
+
+def _issue(cli: Cli, name: str) -> x509.Certificate:
+    p = cli.home.parent / f"{name}.csr"
+    p.write_bytes(make_csr(cn=None, dns=[f"{name}.example.com"]))
+    info = json.loads(cli.ok("--json", "sign", str(p), "--ca", "issuing", "--profile", "tls-server").out)
+    return x509.load_pem_x509_certificate(info["pem"].encode())
+
+
+def _issuer(cli: Cli, name: str = "issuing") -> x509.Certificate:
+    return x509.load_pem_x509_certificate(cli.ok("ca", "export", name).out.encode())
+
+
+def _request(cert: x509.Certificate, issuer: x509.Certificate, nonce: bytes | None = None,
+             alg: hashes.HashAlgorithm | None = None) -> bytes:
+    b = ocsp.OCSPRequestBuilder().add_certificate(cert, issuer, alg or hashes.SHA1())
+    if nonce is not None:
+        b = b.add_extension(x509.OCSPNonce(nonce), critical=False)
+    return b.build().public_bytes(serialization.Encoding.DER)
+
+
+def _by_serial(serial: int, issuer: x509.Certificate) -> bytes:
+    import hashlib
+
+    from hsm_ca.ocsp import _public_key_bits
+
+    name_hash = hashlib.sha1(issuer.subject.public_bytes()).digest()
+    key_hash = hashlib.sha1(_public_key_bits(issuer)).digest()
+    req = ocsp.OCSPRequestBuilder().add_certificate_by_hash(
+        name_hash, key_hash, serial, hashes.SHA1()).build()
+    return req.public_bytes(serialization.Encoding.DER)
+
+
+def test_good_revoked_unknown_and_signature(responder: tuple[OcspResponder, Cli]) -> None:
+    r, cli = responder
+    issuer = _issuer(cli)
+    good, bad = _issue(cli, "good"), _issue(cli, "bad")
+    cli.ok("revoke", format(bad.serial_number, "x"), "--reason", "keyCompromise")
+    for cert, status in ((good, ocsp.OCSPCertStatus.GOOD), (bad, ocsp.OCSPCertStatus.REVOKED)):
+        resp = ocsp.load_der_ocsp_response(r.respond(_request(cert, issuer, alg=hashes.SHA256())).der)
+        assert resp.response_status == ocsp.OCSPResponseStatus.SUCCESSFUL
+        assert resp.certificate_status == status and resp.serial_number == cert.serial_number
+        issuer.public_key().verify(  # type: ignore[call-arg]
+            resp.signature, resp.tbs_response_bytes,
+            __import__("cryptography.hazmat.primitives.asymmetric.ec", fromlist=["ECDSA"]).ECDSA(
+                resp.signature_hash_algorithm),
+        )
+        assert resp.responder_key_hash == x509.SubjectKeyIdentifier.from_public_key(
+            issuer.public_key()).digest  # type: ignore[arg-type]
+        assert resp.next_update_utc is not None and resp.next_update_utc > resp.this_update_utc
+    resp = ocsp.load_der_ocsp_response(r.respond(_request(bad, issuer)).der)
+    assert resp.revocation_reason == x509.ReasonFlags.key_compromise
+    resp = ocsp.load_der_ocsp_response(r.respond(_by_serial(0x1234567890ABCDEF, issuer)).der)
+    assert resp.certificate_status == ocsp.OCSPCertStatus.UNKNOWN
+    # the root's CRL scope: the intermediate is good for the root, unknown for the issuing CA
+    root = _issuer(cli, "root")
+    resp = ocsp.load_der_ocsp_response(r.respond(_request(issuer, root)).der)
+    assert resp.certificate_status == ocsp.OCSPCertStatus.GOOD
+    resp = ocsp.load_der_ocsp_response(r.respond(_by_serial(issuer.serial_number, issuer)).der)
+    assert resp.certificate_status == ocsp.OCSPCertStatus.UNKNOWN
+
+
+def test_nonce_echoed_and_limits(responder: tuple[OcspResponder, Cli]) -> None:
+    r, cli = responder
+    issuer, cert = _issuer(cli), _issue(cli, "n")
+    for size in (1, 16, 32, 128):
+        nonce = os.urandom(size)
+        resp = ocsp.load_der_ocsp_response(r.respond(_request(cert, issuer, nonce)).der)
+        assert resp.extensions.get_extension_for_class(x509.OCSPNonce).value.nonce == nonce
+    resp = ocsp.load_der_ocsp_response(r.respond(_request(cert, issuer, os.urandom(129))).der)
+    assert resp.response_status == ocsp.OCSPResponseStatus.MALFORMED_REQUEST
+
+
+def test_cache_spares_the_hsm_and_revocation_invalidates_it(
+    responder: tuple[OcspResponder, Cli],
+) -> None:
+    r, cli = responder
+    issuer, cert = _issuer(cli), _issue(cli, "c")
+    req = _request(cert, issuer)
+    first = r.respond(req)
+    assert r.respond(req).der == first.der and r.signatures == 1
+    r.respond(_request(cert, issuer, b"nonce-123"))  # a nonce always means a fresh signature
+    assert r.signatures == 2
+    # revoke through the CLI: another connection, as another process would
+    cli.ok("revoke", format(cert.serial_number, "x"))
+    resp = ocsp.load_der_ocsp_response(r.respond(req).der)
+    assert resp.certificate_status == ocsp.OCSPCertStatus.REVOKED and r.signatures == 3
+    signed = [x for x in json.loads(cli.ok("--json", "audit", "list").out) if x["action"] == "ocsp"]
+    assert len(signed) == 3 and all(x["outcome"] == "signed" for x in signed)
+
+
+def test_delegated_responder_signs_and_is_included(responder: tuple[OcspResponder, Cli]) -> None:
+    r, cli = responder
+    issuer, cert = _issuer(cli), _issue(cli, "d")
+    info = json.loads(cli.ok("--json", "ca", "ocsp-responder", "issuing").out)
+    r2 = OcspResponder(r.authority, cache_seconds=0)
+    resp = ocsp.load_der_ocsp_response(r2.respond(_request(cert, issuer)).der)
+    assert len(resp.certificates) == 1
+    delegated = resp.certificates[0]
+    assert format(delegated.serial_number, "x") == info["serial"]
+    assert delegated.extensions.get_extension_for_class(x509.OCSPNoCheck)
+    eku = delegated.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
+    assert list(eku) == [x509.oid.ExtendedKeyUsageOID.OCSP_SIGNING]
+    delegated.verify_directly_issued_by(issuer)
+    assert resp.responder_key_hash == x509.SubjectKeyIdentifier.from_public_key(
+        delegated.public_key()).digest  # type: ignore[arg-type]
+    keys = {k["label"]: k["used_by"] for k in json.loads(cli.ok("--json", "keys", "list").out)}
+    assert keys["ocsp-issuing"] == "ocsp:issuing"
+
+
+def test_unauthorized_and_malformed(responder: tuple[OcspResponder, Cli], tmp_path: Path) -> None:
+    r, cli = responder
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    import datetime as dt
+
+    name = x509.Name([x509.NameAttribute(x509.oid.NameOID.COMMON_NAME, "stranger")])
+    now = dt.datetime.now(dt.UTC)
+    stranger = (x509.CertificateBuilder().subject_name(name).issuer_name(name)
+                .public_key(key.public_key()).serial_number(99).not_valid_before(now)
+                .not_valid_after(now + dt.timedelta(days=1)).sign(key, hashes.SHA256()))
+    resp = ocsp.load_der_ocsp_response(r.respond(_request(stranger, stranger)).der)
+    assert resp.response_status == ocsp.OCSPResponseStatus.UNAUTHORIZED
+    cert = _issue(cli, "m")
+    good = _request(cert, _issuer(cli))
+    resp = ocsp.load_der_ocsp_response(r.respond(good, "root").der)  # wrong CA in the URL
+    assert resp.response_status == ocsp.OCSPResponseStatus.UNAUTHORIZED
+    for garbage in (b"", b"\x30", good[:-3], good + b"\x00", os.urandom(200), b"\x30\x03\x02\x01\x00"):
+        resp = ocsp.load_der_ocsp_response(r.respond(garbage).der)
+        assert resp.response_status == ocsp.OCSPResponseStatus.MALFORMED_REQUEST
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.binary(max_size=400), flips=st.lists(st.integers(0, 10_000), max_size=4))
+def test_fuzzed_requests_always_get_an_ocsp_response(
+    responder: tuple[OcspResponder, Cli], data: bytes, flips: list[int]
+) -> None:
+    r, cli = responder
+    # the fixture lives across examples, so the valid request is made once and kept on it
+    template = getattr(r, "_fuzz_template", None)
+    if template is None:
+        template = _request(_issue(cli, "fz"), _issuer(cli))
+        r._fuzz_template = template  # type: ignore[attr-defined]
+    mutated = bytearray(template)
+    for f in flips:
+        mutated[f % len(mutated)] ^= 0xFF
+    for candidate in (data, bytes(mutated)):
+        answer = r.respond(candidate)
+        ocsp.load_der_ocsp_response(answer.der)  # always a parseable OCSP response
