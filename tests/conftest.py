@@ -9,6 +9,8 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import tempfile
+import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +24,43 @@ from cryptography.x509.oid import NameOID
 USER_PIN = "user-pin-1234"
 SO_PIN = "officer-pin-5678"
 TEST_SCRYPT_N = 1024
+ENGINES = ["soft", "pkcs11"]
+
+# SoftHSM2 reads its configuration once per process, when the module is first
+# initialised, so the whole run shares one private token directory; each test
+# gets tokens of its own in it.
+_SOFTHSM_DIR = Path(tempfile.mkdtemp(prefix="hsm-ca-softhsm-"))
+(_SOFTHSM_DIR / "tokens").mkdir()
+(_SOFTHSM_DIR / "softhsm2.conf").write_text(
+    f"directories.tokendir = {_SOFTHSM_DIR / 'tokens'}\nobjectstore.backend = file\nlog.level = ERROR\n"
+)
+os.environ["SOFTHSM2_CONF"] = str(_SOFTHSM_DIR / "softhsm2.conf")
+SOFTHSM_MODULES = (
+    "/usr/lib/softhsm/libsofthsm2.so",
+    "/usr/lib/x86_64-linux-gnu/softhsm/libsofthsm2.so",
+    "/usr/lib/aarch64-linux-gnu/softhsm/libsofthsm2.so",
+    "/usr/local/lib/softhsm/libsofthsm2.so",
+)
+
+
+def softhsm_module() -> str:
+    """The SoftHSM2 module; missing is a failure, not a skip (scripts/test.sh installs it)."""
+    for path in SOFTHSM_MODULES:
+        if Path(path).exists():
+            return path
+    pytest.fail("SoftHSM2 is not installed (apt-get install softhsm2; scripts/test.sh does it)")
+
+
+def new_softhsm_token(label: str | None = None) -> str:
+    """Initialise a fresh SoftHSM2 token with the test user PIN; returns its label."""
+    label = label or f"t{uuid.uuid4().hex[:12]}"
+    r = subprocess.run(
+        ["softhsm2-util", "--init-token", "--free", "--label", label,
+         "--pin", USER_PIN, "--so-pin", SO_PIN],
+        capture_output=True, text=True, timeout=60,
+    )
+    assert r.returncode == 0, r.stderr
+    return label
 
 
 @dataclass
@@ -75,21 +114,52 @@ def cli(tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.
     return Cli(tmp_path / "home", capsys, monkeypatch)
 
 
+def init_args(engine: str, *extra: str) -> list[str]:
+    """``init`` arguments for a test home on ``engine`` (a new SoftHSM2 token for pkcs11)."""
+    if engine == "soft":
+        return ["init", "--scrypt-n", str(TEST_SCRYPT_N), *extra]
+    return ["init", "--engine", "pkcs11", "--pkcs11-module", softhsm_module(),
+            "--token-label", new_softhsm_token(), *extra]
+
+
+@pytest.fixture(params=ENGINES)
+def engine_kind(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
 @pytest.fixture
-def initialised(cli: Cli) -> Cli:
-    cli.ok("init", "--scrypt-n", str(TEST_SCRYPT_N))
+def initialised(cli: Cli, engine_kind: str) -> Cli:
+    """A fresh home on each engine: the CA suite runs on both."""
+    cli.ok(*init_args(engine_kind))
+    cli.engine = engine_kind  # type: ignore[attr-defined]
+    return cli
+
+
+@pytest.fixture
+def soft_initialised(cli: Cli) -> Cli:
+    """A fresh home on the built-in engine, for what only it does (lockout, tamper, files)."""
+    cli.ok(*init_args("soft"))
+    return cli
+
+
+def _make_pki(cli: Cli) -> Cli:
+    cli.ok("ca", "create-root", "root", "--subject", "CN=Test Root CA,O=Test,C=NL")
+    cli.ok(
+        "ca", "create-intermediate", "issuing", "--parent", "root",
+        "--subject", "CN=Test Issuing CA,O=Test", "--path-length", "0",
+    )
     return cli
 
 
 @pytest.fixture
 def pki(initialised: Cli) -> Cli:
-    """A home with a root (ec-p384) and an issuing CA (ec-p256, path length 0)."""
-    initialised.ok("ca", "create-root", "root", "--subject", "CN=Test Root CA,O=Test,C=NL")
-    initialised.ok(
-        "ca", "create-intermediate", "issuing", "--parent", "root",
-        "--subject", "CN=Test Issuing CA,O=Test", "--path-length", "0",
-    )
-    return initialised
+    """A home with a root (ec-p384) and an issuing CA (ec-p256, path length 0), on each engine."""
+    return _make_pki(initialised)
+
+
+@pytest.fixture
+def soft_pki(soft_initialised: Cli) -> Cli:
+    return _make_pki(soft_initialised)
 
 
 def make_key(kind: str = "ec-p256") -> object:

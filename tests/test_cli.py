@@ -318,23 +318,23 @@ def test_wrong_pin_in_a_real_process(pki: Cli, csr_file: Path) -> None:
     assert USER_PIN not in r.stderr and "wrong-pin" not in r.stderr
 
 
-def test_lockout_across_processes(pki: Cli, csr_file: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_lockout_across_processes(soft_pki: Cli, csr_file: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("HSM_CA_PIN", "wrong-pin")
     for _ in range(5):
-        assert pki("sign", str(csr_file), "--ca", "issuing", "--profile", "tls-server").code == 1
-    r = run_process(pki.home, "sign", str(csr_file), "--ca", "issuing", "--profile", "tls-server")
+        assert soft_pki("sign", str(csr_file), "--ca", "issuing", "--profile", "tls-server").code == 1
+    r = run_process(soft_pki.home, "sign", str(csr_file), "--ca", "issuing", "--profile", "tls-server")
     assert r.returncode == 1 and "locked" in r.stderr
-    records = json.loads(pki.ok("--json", "audit", "list").out)
+    records = json.loads(soft_pki.ok("--json", "audit", "list").out)
     assert [r["outcome"] for r in records if r["action"] == "login"][-6:] == \
         ["failed"] * 4 + ["locked", "locked"]
 
 
-def test_tampered_partition_refuses(pki: Cli, csr_file: Path) -> None:
-    ks = pki.home / "hsm" / "keystore"
+def test_tampered_partition_refuses(soft_pki: Cli, csr_file: Path) -> None:
+    ks = soft_pki.home / "hsm" / "keystore"
     data = bytearray(ks.read_bytes())
     data[len(data) // 2] ^= 0x04
     ks.write_bytes(bytes(data))
-    r = pki("sign", str(csr_file), "--ca", "issuing", "--profile", "tls-server")
+    r = soft_pki("sign", str(csr_file), "--ca", "issuing", "--profile", "tls-server")
     assert r.code == 1 and "tamper" in r.err
 
 
@@ -366,13 +366,13 @@ def test_so_pin_is_not_the_user_pin(cli: Cli, monkeypatch: pytest.MonkeyPatch) -
     monkeypatch.setenv("HSM_CA_SO_PIN", SO_PIN)
 
 
-def test_no_file_in_the_home_holds_a_private_key(pki: Cli, csr_file: Path) -> None:
+def test_no_file_in_the_home_holds_a_private_key(soft_pki: Cli, csr_file: Path) -> None:
     import base64
 
     from hsm_ca.engine.soft import SoftEngine
 
-    pki.ok("sign", str(csr_file), "--ca", "issuing", "--profile", "tls-server")
-    engine = SoftEngine(pki.home / "hsm")
+    soft_pki.ok("sign", str(csr_file), "--ca", "issuing", "--profile", "tls-server")
+    engine = SoftEngine(soft_pki.home / "hsm")
     engine.login("crypto-user", USER_PIN)
     needles = []
     for label in ("ca-root", "ca-issuing"):
@@ -382,7 +382,7 @@ def test_no_file_in_the_home_holds_a_private_key(pki: Cli, csr_file: Path) -> No
         der = key.private_bytes(serialization.Encoding.DER, serialization.PrivateFormat.PKCS8,
                                 serialization.NoEncryption())
         needles += [der, base64.b64encode(der), base64.b64encode(der)[:40]]
-    files = [p for p in pki.home.rglob("*") if p.is_file()]
+    files = [p for p in soft_pki.home.rglob("*") if p.is_file()]
     assert any(p.name == "ca.db" for p in files)
     for p in files:
         data = p.read_bytes()
