@@ -20,7 +20,7 @@ import sqlite_utils
 
 from hsm_ca.errors import ConfigError
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 
 def _migration_1(db: sqlite_utils.Database) -> None:
@@ -124,7 +124,23 @@ def _migration_2(db: sqlite_utils.Database) -> None:
     db["certificates"].create_index(["ca", "revoked_epoch"])
 
 
-MIGRATIONS: dict[int, Callable[[sqlite_utils.Database], None]] = {1: _migration_1, 2: _migration_2}
+def _migration_3(db: sqlite_utils.Database) -> None:
+    db["signers"].create(
+        {"label": str, "ca": str, "key_label": str, "serial": str, "pem": str, "created": str},
+        pk="label",
+        not_null={"ca", "key_label", "serial", "pem"},
+    )
+    db["tsa"].create(
+        {"name": str, "ca": str, "key_label": str, "serial": str, "pem": str, "policy": str,
+         "created": str},
+        pk="name",
+        not_null={"ca", "key_label", "serial", "pem", "policy"},
+    )
+
+
+MIGRATIONS: dict[int, Callable[[sqlite_utils.Database], None]] = {
+    1: _migration_1, 2: _migration_2, 3: _migration_3,
+}
 
 
 class Store:
@@ -331,6 +347,17 @@ class Store:
     def get_responder(self, ca: str) -> dict[str, Any] | None:
         rows = list(self.db["responders"].rows_where("ca = ?", [ca]))
         return rows[0] if rows else None
+
+    # ------------------------------------------------- signers and the TSA
+    def upsert_row(self, table: str, row: dict[str, Any], pk: str) -> None:
+        self.db[table].upsert(row, pk=pk)
+
+    def get_row(self, table: str, pk: str, value: str) -> dict[str, Any] | None:
+        rows = list(self.db[table].rows_where(f"{pk} = ?", [value]))
+        return rows[0] if rows else None
+
+    def all_rows(self, table: str, order_by: str) -> list[dict[str, Any]]:
+        return list(self.db[table].rows_where(order_by=order_by))
 
     def count(self, table: str) -> int:
         return self.db[table].count

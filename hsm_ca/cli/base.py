@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import secrets
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -139,24 +137,10 @@ def print_table(columns: list[str], rows: list[list[Any]], title: str | None = N
 
 
 def write_output(path: str | Path, data: bytes, mode: int = 0o644) -> None:
-    """Write atomically: a reader sees the old file or the whole new one, never half."""
-    path = Path(path)
-    if path.exists() and not path.is_file():  # /dev/stdout, a FIFO: write through, never replace
-        with open(path, "wb") as fh:
-            fh.write(data)
-        return
-    parent = path.parent if str(path.parent) else Path(".")
-    tmp = parent / f".{path.name}.{secrets.token_hex(4)}.tmp"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    """Write a command's output file atomically (see fileio.atomic_write)."""
+    from hsm_ca.fileio import atomic_write
+
+    atomic_write(path, data, mode)
 
 
 @contextmanager

@@ -57,6 +57,7 @@ from hsm_ca.errors import (
     Tampered,
     UsageError,
 )
+from hsm_ca.fileio import atomic_write
 
 FORMAT = "hsm-ca-keystore"
 VERSION = 1
@@ -86,23 +87,7 @@ def _now() -> str:
 
 def write_private_file(path: Path, data: bytes) -> None:
     """Write ``data`` to ``path`` atomically and durably, mode 0600 from birth."""
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-    dfd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dfd)
-    finally:
-        os.close(dfd)
+    atomic_write(path, data, 0o600)
 
 
 def _generate_private_key(key_type: str) -> Any:

@@ -1,0 +1,372 @@
+"""Code signing: HSM-held signer keys, detached CMS signatures, RFC 3161 time stamps, verification.
+
+A signature leaves only after its audit record is durable, like a
+certificate. Verification is independent of the CA's database: it needs the
+file, the signature and a trust root (and CRLs to check revocation), so it
+works for anyone who downloads a release.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from asn1crypto import cms, tsp
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519, padding, rsa
+from cryptography.x509.oid import ExtendedKeyUsageOID
+
+from hsm_ca.cms import (
+    HASHES,
+    add_unsigned_attribute,
+    build_signed_data,
+    digest_name_for,
+    signed_attrs_bytes,
+    stream_digest,
+)
+from hsm_ca.errors import AlreadyExists, HsmCaError, NotFound, PolicyViolation, UsageError
+from hsm_ca.x509util import rfc3339
+
+if TYPE_CHECKING:
+    from hsm_ca.authority import Authority
+
+
+@dataclass(frozen=True)
+class SignResult:
+    file: str
+    signature_file: str
+    size: int
+    sha256: str
+    signer: str
+    serial: str
+    timestamped: bool
+
+    def as_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+# ------------------------------------------------------------------ signers
+def new_signer(authority: Authority, label: str, ca_name: str, subject: x509.Name, *,
+               key_type: str = "ec-p256", days: int | None = None) -> dict[str, Any]:
+    from hsm_ca.engine.base import validate_label
+
+    validate_label(label)
+    if authority.store.get_row("signers", "label", label) is not None:
+        raise AlreadyExists(f"a code-signing signer labelled {label!r} already exists")
+    key_label = f"codesign-{label}"
+    issued = authority.issue_for_engine_key(ca_name, "code-signing", subject, key_label, key_type,
+                                            days=days)
+    row = {"label": label, "ca": ca_name, "key_label": key_label, "serial": issued.serial,
+           "pem": issued.pem, "created": rfc3339(_dt.datetime.now(_dt.UTC))}
+    authority.store.upsert_row("signers", row, "label")
+    return signer_info(authority, row)
+
+
+def signer_info(authority: Authority, row: dict[str, Any]) -> dict[str, Any]:
+    cert = x509.load_pem_x509_certificate(row["pem"].encode())
+    status = authority.store.status_of(row["ca"], row["serial"])
+    now = _dt.datetime.now(_dt.UTC)
+    state = "valid"
+    if status is not None and status[0] == "revoked":
+        state = "revoked"
+    elif now > cert.not_valid_after_utc:
+        state = "expired"
+    return {"label": row["label"], "ca": row["ca"], "key_label": row["key_label"],
+            "serial": row["serial"], "subject": cert.subject.rfc4514_string(),
+            "not_after": rfc3339(cert.not_valid_after_utc), "status": state}
+
+
+def list_signers(authority: Authority) -> list[dict[str, Any]]:
+    return [signer_info(authority, r) for r in authority.store.all_rows("signers", "label")]
+
+
+# ------------------------------------------------------------------ signing
+def sign_files(
+    authority: Authority,
+    files: Sequence[str],
+    signer_label: str,
+    *,
+    timestamp: bool = False,
+    output: str | None = None,
+    progress: Callable[[int], None] | None = None,
+    write: Callable[[str, bytes], None] | None = None,
+) -> list[SignResult]:
+    """Sign each file (detached CMS, DER), default output FILE.p7s."""
+    from hsm_ca.fileio import atomic_write
+
+    write = write or (lambda p, d: atomic_write(p, d))
+    store, audit, actor = authority.store, authority.audit, authority.actor()
+    if output is not None and len(files) != 1:
+        raise UsageError("-o SIGFILE works with one file; several files get FILE.p7s each")
+    row = store.get_row("signers", "label", signer_label)
+    try:
+        if row is None:
+            raise NotFound(f"unknown signer {signer_label!r}; create one with 'hsm-ca codesign new-signer'")
+        info = signer_info(authority, row)
+        if info["status"] != "valid":
+            raise PolicyViolation(f"signer {signer_label!r} is {info['status']}; it cannot sign")
+    except HsmCaError as e:
+        for f in files:
+            audit.append(actor, "codesign", "refused", key_label=f"codesign-{signer_label}",
+                         detail=f"{f}: {e}")
+        raise
+    cert = x509.load_pem_x509_certificate(row["pem"].encode())
+    chain = authority.chain(row["ca"], include_root=False)
+    handle = authority.engine().get_key(row["key_label"])
+    if handle.public_key() != cert.public_key():
+        raise PolicyViolation(f"signer {signer_label!r}'s key does not match its certificate")
+    tsa = None
+    if timestamp:
+        from hsm_ca.tsa import TimeStampAuthority
+
+        tsa = TimeStampAuthority(authority)
+    digest_name = digest_name_for(handle.key_type)
+    results = []
+    for f in files:
+        try:
+            digest, size, sha256 = stream_digest(f, digest_name, progress=progress)
+        except OSError as e:
+            audit.append(actor, "codesign", "refused", key_label=row["key_label"],
+                         serial=row["serial"], detail=f"{f}: cannot read ({e.strerror})")
+            raise HsmCaError(f"cannot read {f}: {e.strerror}") from e
+        now = _dt.datetime.now(_dt.UTC).replace(microsecond=0)
+        info_ci, signature = build_signed_data(
+            handle=handle, signer=cert, chain=chain, content_type="data", digest=digest,
+            digest_name=digest_name, when=now,
+        )
+        if tsa is not None:
+            token = tsa.timestamp("sha256", hashlib.sha256(signature).digest(),
+                                  detail=f"signature on {os.path.basename(f)}")
+            info_ci = add_unsigned_attribute(info_ci, "signature_time_stamp_token",
+                                             cms.ContentInfo.load(token))
+        der = info_ci.dump()
+        target = output or f"{f}.p7s"
+        audit.append(actor, "codesign", "signed", ca=row["ca"], key_label=row["key_label"],
+                     serial=row["serial"], subject=cert.subject.rfc4514_string(),
+                     object_sha256=hashlib.sha256(der).hexdigest(),
+                     detail=(f"file={os.path.basename(f)} size={size} sha256={sha256} "
+                             f"signer={signer_label}" + (" timestamped" if tsa else "")))
+        write(target, der)
+        results.append(SignResult(f, target, size, sha256, signer_label, row["serial"], tsa is not None))
+    return results
+
+
+# ------------------------------------------------------------- verification
+@dataclass
+class Verdict:
+    ok: bool
+    reason: str
+    signer: str | None = None
+    signing_time: str | None = None
+    timestamp: str | None = None
+    notes: list[str] = field(default_factory=list)
+
+    def as_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+class _Invalid(Exception):
+    pass
+
+
+def _load_certs(signed: cms.SignedData) -> list[x509.Certificate]:
+    out = []
+    for choice in signed["certificates"] or []:
+        if choice.name == "certificate":
+            out.append(x509.load_der_x509_certificate(choice.chosen.dump()))
+    return out
+
+
+def _find_signer(si: cms.SignerInfo, certs: list[x509.Certificate]) -> x509.Certificate:
+    sid = si["sid"]
+    for c in certs:
+        if sid.name == "issuer_and_serial_number":
+            ias = sid.chosen
+            if c.serial_number == ias["serial_number"].native and \
+                    c.issuer.public_bytes() == ias["issuer"].dump():
+                return c
+        else:
+            try:
+                ski = c.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value.digest
+            except x509.ExtensionNotFound:
+                continue
+            if ski == sid.chosen.native:
+                return c
+    raise _Invalid("the signer's certificate is not in the signature")
+
+
+def _check_signature(si: cms.SignerInfo, cert: x509.Certificate) -> None:
+    data = signed_attrs_bytes(si)
+    sig = si["signature"].native
+    digest_name = si["digest_algorithm"]["algorithm"].native
+    if digest_name not in HASHES:
+        raise _Invalid(f"digest algorithm {digest_name} is not accepted")
+    h = HASHES[digest_name]()
+    key = cert.public_key()
+    try:
+        if isinstance(key, ec.EllipticCurvePublicKey):
+            key.verify(sig, data, ec.ECDSA(h))
+        elif isinstance(key, rsa.RSAPublicKey):
+            key.verify(sig, data, padding.PKCS1v15(), h)
+        elif isinstance(key, ed25519.Ed25519PublicKey):
+            key.verify(sig, data)
+        else:
+            raise _Invalid("unsupported signer key type")
+    except Exception as e:
+        if isinstance(e, _Invalid):
+            raise
+        raise _Invalid("the signature does not verify (signed attributes or key altered)") from e
+
+
+def _attr(si: cms.SignerInfo, name: str, unsigned: bool = False) -> Any:
+    attrs = si["unsigned_attrs" if unsigned else "signed_attrs"]
+    if not attrs.native:
+        return None
+    for a in attrs:
+        if a["type"].native == name:
+            return a["values"][0]
+    return None
+
+
+def _check_ess(si: cms.SignerInfo, cert: x509.Certificate) -> None:
+    ess = _attr(si, "signing_certificate_v2")
+    if ess is None:
+        return
+    der = cert.public_bytes(serialization.Encoding.DER)
+    first = ess["certs"][0]
+    alg = first["hash_algorithm"]["algorithm"].native
+    if hashlib.new(alg, der).digest() != first["cert_hash"].native:
+        raise _Invalid("signingCertificateV2 does not match the signer's certificate")
+
+
+def _validate_chain(cert: x509.Certificate, certs: list[x509.Certificate],
+                    roots: list[x509.Certificate], at: _dt.datetime, eku: x509.ObjectIdentifier,
+                    what: str) -> list[x509.Certificate]:
+    from cryptography.x509.verification import (
+        Criticality,
+        ExtensionPolicy,
+        PolicyBuilder,
+        Store,
+        VerificationError,
+    )
+
+    def require_eku(_policy: Any, _cert: Any, value: Any) -> None:
+        if value is None or eku not in list(value):
+            raise ValueError(f"{what} certificate lacks the {eku._name} extended key usage")
+
+    ee = ExtensionPolicy.permit_all().require_present(
+        x509.ExtendedKeyUsage, Criticality.AGNOSTIC, require_eku)
+    ca = ExtensionPolicy.webpki_defaults_ca()
+    verifier = (PolicyBuilder().store(Store(roots)).time(at.replace(tzinfo=None))
+                .extension_policies(ca_policy=ca, ee_policy=ee).build_client_verifier())
+    try:
+        verified = verifier.verify(cert, [c for c in certs if c != cert])
+    except VerificationError as e:
+        raise _Invalid(f"{what} certificate does not chain to the trust root at {rfc3339(at)}: {e}") from e
+    return list(verified.chain)
+
+
+def _check_crls(chain: list[x509.Certificate], crls: list[x509.CertificateRevocationList],
+                what: str) -> None:
+    for cert, issuer in zip(chain, chain[1:], strict=False):
+        matching = [c for c in crls if c.issuer == issuer.subject
+                    and c.is_signature_valid(issuer.public_key())]  # type: ignore[arg-type]
+        if not matching:
+            raise _Invalid(f"no valid CRL from {issuer.subject.rfc4514_string()} to check the {what} "
+                           "certificate against")
+        for crl in matching:
+            entry = crl.get_revoked_certificate_by_serial_number(cert.serial_number)
+            if entry is not None:
+                raise _Invalid(f"the {what} certificate {format(cert.serial_number, 'x')} is revoked "
+                               f"(since {rfc3339(entry.revocation_date_utc)})")
+
+
+def _verify_timestamp(token_ci: cms.ContentInfo, signature: bytes,
+                      roots: list[x509.Certificate], crls: list[x509.CertificateRevocationList],
+                      ) -> _dt.datetime:
+    signed = token_ci["content"]
+    if token_ci["content_type"].native != "signed_data" or \
+            signed["encap_content_info"]["content_type"].native != "tst_info":
+        raise _Invalid("the time-stamp token is not a TSTInfo SignedData")
+    tst_der = signed["encap_content_info"]["content"].parsed.dump()
+    tst = tsp.TSTInfo.load(tst_der)
+    imprint = tst["message_imprint"]
+    alg = imprint["hash_algorithm"]["algorithm"].native
+    if hashlib.new(alg, signature).digest() != imprint["hashed_message"].native:
+        raise _Invalid("the time stamp is over a different signature")
+    si = signed["signer_infos"][0]
+    certs = _load_certs(signed)
+    tsa_cert = _find_signer(si, certs)
+    md = _attr(si, "message_digest")
+    dalg = si["digest_algorithm"]["algorithm"].native
+    if md is None or hashlib.new(dalg, tst_der).digest() != md.native:
+        raise _Invalid("the time-stamp token's content digest does not match")
+    _check_signature(si, tsa_cert)
+    gen_time: _dt.datetime = tst["gen_time"].native
+    chain = _validate_chain(tsa_cert, certs, roots, gen_time, ExtendedKeyUsageOID.TIME_STAMPING,
+                            "time-stamping authority")
+    if crls:
+        _check_crls(chain, crls, "time-stamping authority")
+    return gen_time
+
+
+def verify_file(path: str, sig_path: str, trust: list[x509.Certificate],
+                crls: list[x509.CertificateRevocationList] | None = None,
+                at: _dt.datetime | None = None) -> Verdict:
+    """Check digest, signature, chain to ``trust`` with codeSigning, revocation and time stamp."""
+    crls = crls or []
+    try:
+        try:
+            info = cms.ContentInfo.load(Path(sig_path).read_bytes())
+            if info["content_type"].native != "signed_data":
+                raise _Invalid("not a CMS SignedData")
+            signed = info["content"]
+            signed.native  # noqa: B018 - force a full parse
+        except _Invalid:
+            raise
+        except (ValueError, TypeError, KeyError, OSError) as e:
+            raise _Invalid(f"{sig_path} is not a readable CMS signature") from e
+        if len(signed["signer_infos"]) != 1:
+            raise _Invalid("expected exactly one signer")
+        si = signed["signer_infos"][0]
+        certs = _load_certs(signed)
+        cert = _find_signer(si, certs)
+        ct = _attr(si, "content_type")
+        if ct is None or ct.native != "data":
+            raise _Invalid("the signed content type is not id-data")
+        digest_name = si["digest_algorithm"]["algorithm"].native
+        if digest_name not in HASHES:
+            raise _Invalid(f"digest algorithm {digest_name} is not accepted")
+        try:
+            digest, _size, _sha = stream_digest(path, digest_name)
+        except OSError as e:
+            raise _Invalid(f"cannot read {path}: {e.strerror}") from e
+        md = _attr(si, "message_digest")
+        if md is None or md.native != digest:
+            raise _Invalid(f"{path} does not match the signature (message digest differs)")
+        _check_signature(si, cert)
+        _check_ess(si, cert)
+        signing_time = _attr(si, "signing_time")
+        verdict = Verdict(True, "valid", signer=cert.subject.rfc4514_string(),
+                          signing_time=rfc3339(signing_time.native) if signing_time else None)
+        when = at or _dt.datetime.now(_dt.UTC)
+        token = _attr(si, "signature_time_stamp_token", unsigned=True)
+        if token is not None:
+            ts_time = _verify_timestamp(token, si["signature"].native, trust, crls)
+            verdict.timestamp = rfc3339(ts_time)
+            if ts_time > when + _dt.timedelta(minutes=5):
+                raise _Invalid("the time stamp is in the future")
+            when = ts_time
+            verdict.notes.append(f"signer certificate validated at the time stamp {rfc3339(ts_time)}")
+        chain = _validate_chain(cert, certs, trust, when, ExtendedKeyUsageOID.CODE_SIGNING, "signer")
+        if crls:
+            _check_crls(chain, crls, "signer")
+        return verdict
+    except _Invalid as e:
+        return Verdict(False, str(e))
