@@ -825,6 +825,20 @@ class Authority:
                 ),
                 critical=False,
             )
+            if self._issuer_publishes_deltas(ca_name) and not p.cabf_server_auth:
+                # (the BRs allow no Freshest CRL extension in TLS server certificates)
+                # where delta CRLs are found (RFC 5280 4.2.1.15); validators such as
+                # pyhanko look for deltas only through this extension of the certificate
+                b = b.add_extension(
+                    x509.FreshestCRL([
+                        x509.DistributionPoint(
+                            full_name=[x509.UniformResourceIdentifier(
+                                f"{base}/crl/{ca_name}-delta.crl")],
+                            relative_name=None, reasons=None, crl_issuer=None,
+                        )
+                    ]),
+                    critical=False,
+                )
         return b
 
     def issue_for_engine_key(
@@ -905,6 +919,11 @@ class Authority:
             "not_after": rfc3339(c.not_valid_after_utc), "created": rfc3339(_now()),
         })
         return issued
+
+    def _issuer_publishes_deltas(self, ca_name: str) -> bool:
+        """Intermediates publish delta CRLs; roots (rarely revoking, offline) do not."""
+        row = self.store.get_ca(ca_name)
+        return row is not None and row["parent"] is not None
 
     # ------------------------------------------------------------- queries
     def list_certificates(self, ca: str | None = None, revoked: bool = False) -> list[dict[str, Any]]:

@@ -66,6 +66,7 @@ class _Signer:
     hash_alg: hashes.HashAlgorithm | None
     responder_cert: x509.Certificate | None
     label: str
+    row_serial: str | None = None  # the responder row this choice was made from
 
 
 class OcspResponder:
@@ -110,17 +111,25 @@ class OcspResponder:
         return self._ids.get(key)
 
     def _signer(self, ca_name: str) -> _Signer:
+        """The CA key, or its delegated responder while that certificate is good.
+
+        The responder row is read on every signature (one indexed SELECT), so a
+        responder issued, renewed or revoked by another process takes effect at
+        once in a running server.
+        """
+        authority = self.authority
+        row = authority.store.get_responder(ca_name)
         signer = self._signers.get(ca_name)
         now = _dt.datetime.now(_dt.UTC)
-        if signer is not None and (
-            signer.responder_cert is None or signer.responder_cert.not_valid_after_utc > now
-        ):
-            return signer
+        if signer is not None:
+            wanted = row["serial"] if row is not None else None
+            if signer.row_serial == wanted and (
+                signer.responder_cert is None or signer.responder_cert.not_valid_after_utc > now
+            ):
+                return signer
         from hsm_ca.authority import CertificateAuthority
 
-        authority = self.authority
         ca = authority.get_ca(ca_name)
-        row = authority.store.get_responder(ca_name)
         responder_cert = None
         if row is not None:
             cert = x509.load_pem_x509_certificate(row["pem"].encode())
@@ -130,11 +139,11 @@ class OcspResponder:
         if responder_cert is not None:
             handle = authority.engine().get_key(row["key_label"])  # type: ignore[index]
             signer = _Signer(ca, as_private_key(handle), signature_hash_for(handle.key_type),
-                             responder_cert, handle.label)
+                             responder_cert, handle.label, row["serial"])  # type: ignore[index]
         else:
             handle = CertificateAuthority(authority, ca).key_handle()
             signer = _Signer(ca, as_private_key(handle), signature_hash_for(ca.key_type), None,
-                             handle.label)
+                             handle.label, row["serial"] if row is not None else None)
         self._signers[ca_name] = signer
         return signer
 
@@ -168,8 +177,9 @@ class OcspResponder:
     def _answer(self, req: ocsp.OCSPRequest, ca_name: str, nonce: bytes | None) -> OcspAnswer:
         store = self.authority.store
         epoch = store.revocation_epoch()
-        if epoch != self._epoch:
+        if epoch != self._epoch:  # something was revoked: cached answers and signers may be stale
             self._cache.clear()
+            self._signers.clear()
             self._epoch = epoch
         key = (ca_name, req.serial_number)
         now_mono = time.monotonic()

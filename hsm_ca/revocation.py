@@ -198,7 +198,10 @@ def sign_crl(authority: Authority, ca_name: str, *, delta: bool = False) -> CrlR
     except x509.ExtensionNotFound:
         ext(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca.certificate.public_key()))  # type: ignore[arg-type]
     ext(x509.CRLNumber(number))
-    urls = crl_urls(authority, ca_name)
+    # A root's own certificate has no CRL distribution point, so an issuing distribution
+    # point would put it out of its CRL's scope (openssl -crl_check_all: "different CRL
+    # scope"); roots publish CRLs without IDP and without delta pointers.
+    urls = crl_urls(authority, ca_name) if ca.parent is not None else None
     if urls:
         ext(x509.IssuingDistributionPoint(
             full_name=[x509.UniformResourceIdentifier(urls[0])], relative_name=None,

@@ -207,4 +207,10 @@ def serve(authority: Authority, host: str, port: int, *,
         timeout_keep_alive=5, lifespan="on", server_header=False,
         timeout_graceful_shutdown=10,
     )
+    # uvicorn re-raises the signal that stopped it once shutdown is complete; with these
+    # handlers in place that is a no-op, so a graceful stop on SIGTERM exits 0
+    import signal
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: None)
     uvicorn.Server(config).run()
