@@ -423,8 +423,11 @@ class Authority:
         key_type: str = "ec-p256",
         days: int | None = None,
         path_length: int | None = None,
+        name_constraints: x509.NameConstraints | None = None,
     ) -> CaRecord:
-        return self._create_ca(name, subject, key_type, days, path_length, parent=parent)
+        """Create a CA certified by ``parent``; ``name_constraints`` (critical) limit its names."""
+        return self._create_ca(name, subject, key_type, days, path_length, parent=parent,
+                               name_constraints=name_constraints)
 
     def _create_ca(
         self,
@@ -434,6 +437,7 @@ class Authority:
         days: int | None,
         path_length: int | None,
         parent: str | None,
+        name_constraints: x509.NameConstraints | None = None,
     ) -> CaRecord:
         validate_ca_name(name)
         validate_key_type(key_type)
@@ -468,6 +472,7 @@ class Authority:
             profile=profile, subject=subject, public_key=handle.public_key(), sans=(),
             not_before=not_before, not_after=not_after, csr_sha256=None, key_type=key_type,
             path_length=path_length, source=name,
+            extra={"name_constraints": name_constraints} if name_constraints else {},
         )
         signer = CertificateAuthority(self, issuer) if issuer is not None else None
         if signer is None:
@@ -795,6 +800,8 @@ class Authority:
                 ),
                 critical=False,
             )
+        if d.extra.get("name_constraints") is not None:
+            b = b.add_extension(d.extra["name_constraints"], critical=True)
         if p.ocsp_no_check:
             b = b.add_extension(x509.OCSPNoCheck(), critical=False)
         base = self.config.base_url

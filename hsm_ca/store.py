@@ -20,7 +20,7 @@ import sqlite_utils
 
 from hsm_ca.errors import ConfigError
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 
 
 def _migration_1(db: sqlite_utils.Database) -> None:
@@ -138,8 +138,17 @@ def _migration_3(db: sqlite_utils.Database) -> None:
     )
 
 
+def _migration_4(db: sqlite_utils.Database) -> None:
+    db["bootstrap"].create(
+        {"item": str, "kind": str, "spec_sha256": str, "ref": str, "created": str},
+        pk="item",
+        not_null={"kind", "spec_sha256"},
+    )
+    db["certificates"].create_index(["ca", "profile", "csr_sha256"])
+
+
 MIGRATIONS: dict[int, Callable[[sqlite_utils.Database], None]] = {
-    1: _migration_1, 2: _migration_2, 3: _migration_3,
+    1: _migration_1, 2: _migration_2, 3: _migration_3, 4: _migration_4,
 }
 
 
@@ -280,6 +289,13 @@ class Store:
                 " AND ".join(where) or None, args, order_by="created, serial", limit=limit
             )
         ]
+
+    def find_certificate(self, ca: str, profile: str, csr_sha256: str) -> dict[str, Any] | None:
+        """An unrevoked certificate already issued for this CSR (what makes bootstrap idempotent)."""
+        rows = list(self.db["certificates"].rows_where(
+            "ca = ? AND profile = ? AND csr_sha256 = ? AND status = 'valid'",
+            [ca, profile, csr_sha256], order_by="created desc", limit=1))
+        return _decode_cert(rows[0]) if rows else None
 
     def iter_certificates(self) -> Iterator[dict[str, Any]]:
         yield from self.db["certificates"].rows_where(
