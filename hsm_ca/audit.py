@@ -13,6 +13,7 @@ import datetime as _dt
 import getpass
 import hashlib
 import json
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -20,6 +21,7 @@ from typing import Any
 from hsm_ca.store import Store
 
 GENESIS = "0" * 64
+_GENERATION = re.compile(r"generation=(\d+)")
 FIELDS = (
     "seq",
     "time",
@@ -138,6 +140,7 @@ class AuditLog:
         expected_seq = 1
         count = 0
         issued: dict[str, str] = {}
+        max_generation = 0
         for row in self.store.conn.execute(
             f"SELECT {', '.join(FIELDS)}, chain FROM audit ORDER BY rowid"
         ):
@@ -154,6 +157,10 @@ class AuditLog:
                     False, count, seq,
                     f"audit record {seq} was altered (its chain value does not match its content)",
                 )
+            if record["detail"] and "generation=" in record["detail"]:
+                m = _GENERATION.search(record["detail"])
+                if m:
+                    max_generation = max(max_generation, int(m.group(1)))
             if record["action"] == "issue" and record["outcome"] == "issued" and record["serial"]:
                 issued[record["serial"]] = record["object_sha256"]
             prev = record["chain"]
@@ -188,6 +195,13 @@ class AuditLog:
                     False, count, None,
                     f"audit records certificate {serial} as issued but the database has no such certificate",
                 )
+        recorded = self.store.get_meta("hsm_generation")
+        if recorded is not None and int(recorded) < max_generation:
+            return AuditReport(
+                False, count, None,
+                f"the store's keystore generation ({recorded}) is lower than the trail's "
+                f"({max_generation}): it was edited to hide a keystore rollback",
+            )
         report = AuditReport(True, count)
         intents = self.store.serials_in_state("intent")
         if intents:

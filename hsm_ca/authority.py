@@ -320,17 +320,55 @@ class Authority:
             if self._pin is None:
                 raise ConfigError("this operation needs the crypto-user PIN")
             pin = self._pin()
+            self.check_rollback()
             try:
                 self._engine.login(self.config.user, pin)
             except (LoginFailed, LockedOut) as e:
-                self.audit.append(
-                    self.actor(), "login", "locked" if isinstance(e, LockedOut) else "failed",
-                    detail=str(e),
+                self.record_engine_change(
+                    "login", "locked" if isinstance(e, LockedOut) else "failed", detail=str(e)
                 )
                 raise
             self._logged_in = True
-            self.audit.append(self.actor(), "login", "ok")
+            sync = getattr(self._engine, "sync_nodes", None)
+            if sync is not None:
+                sync()  # bring a stale or re-added replica up to date
+            self.record_engine_change("login", "ok")
         return self._engine
+
+    def _generation(self) -> int | None:
+        generation = getattr(self._engine, "generation", None)
+        return int(generation()) if callable(generation) else None
+
+    def check_rollback(self) -> None:
+        """Refuse a keystore older than the newest generation the audit trail has seen.
+
+        Every keystore change is audited with its generation (and the highest
+        one kept in the store), so swapping in an older copy of the keystore -
+        to undo a lockout, or bring back a destroyed key - is detected.
+        """
+        if self._engine is None:
+            self._engine = self._engine_factory(self.config)
+        current = self._generation()
+        seen = int(self.store.get_meta("hsm_generation") or 0)
+        if current is not None and current < seen:
+            from hsm_ca.errors import Tampered
+
+            message = (f"HSM keystore rolled back: it is at generation {current}, but the audit "
+                       f"trail has seen generation {seen} (tampered or restored from an old copy)")
+            self.audit.append(self.actor(), "login", "refused", detail=message)
+            raise Tampered(message)
+
+    def record_engine_change(self, action: str, outcome: str, **fields: Any) -> None:
+        """An audit record carrying the keystore generation, kept with it in one transaction."""
+        generation = self._generation()
+        detail = fields.pop("detail", None)
+        if generation is not None:
+            detail = f"{detail + '; ' if detail else ''}generation={generation}"
+        with self.store.transaction():
+            self.audit.append(self.actor(), action, outcome, detail=detail, **fields)
+            if generation is not None:
+                seen = int(self.store.get_meta("hsm_generation") or 0)
+                self.store.set_meta("hsm_generation", str(max(seen, generation)))
 
     def revoke(
         self, serial: str, reason: str = "unspecified", invalidity_date: _dt.datetime | None = None
@@ -523,7 +561,7 @@ class Authority:
             )
             return existing
         handle = engine.generate_key(KeySpec(key_type=key_type, label=label))
-        self.audit.append(actor, "generate-key", "ok", key_label=label, detail=key_type)
+        self.record_engine_change("generate-key", "ok", key_label=label, detail=key_type)
         return handle
 
     # -------------------------------------------------------------- issuing
@@ -1052,9 +1090,7 @@ def open_engine(config: HomeConfig) -> HsmEngine:
     if config.engine == "soft":
         from hsm_ca.engine.soft import SoftEngine
 
-        if not config.hsm_path.exists():
-            raise ConfigError(f"no built-in HSM partition at {config.hsm_path}")
-        return SoftEngine(config.hsm_path)
+        return SoftEngine(config.hsm_path, config.nodes, lock_path=config.home / ".hsm.lock")
     if config.engine == "pkcs11":
         try:
             from hsm_ca.engine.pkcs11 import Pkcs11Engine  # type: ignore[import-not-found]

@@ -46,6 +46,7 @@ class HomeConfig:
     officer: str = DEFAULT_OFFICER
     pkcs11: Pkcs11Settings | None = None
     ocsp_cache_seconds: int = 300
+    nodes: tuple[Path, ...] = ()
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -94,6 +95,9 @@ def render_config(cfg: HomeConfig) -> str:
     ]
     if cfg.base_url:
         lines.append(f"base_url = {_toml_value(cfg.base_url)}")
+    if cfg.nodes:
+        lines.append("# replica partitions of the built-in engine (hsm-ca hsm node add)")
+        lines.append("nodes = [" + ", ".join(_toml_value(str(n)) for n in cfg.nodes) + "]")
     if cfg.pkcs11:
         lines.append("")
         lines.append("[pkcs11]")
@@ -105,7 +109,7 @@ def render_config(cfg: HomeConfig) -> str:
     return "\n".join(lines) + "\n"
 
 
-_TOP_KEYS = {"engine", "base_url", "user", "officer", "ocsp_cache_seconds", "pkcs11"}
+_TOP_KEYS = {"engine", "base_url", "user", "officer", "ocsp_cache_seconds", "pkcs11", "nodes"}
 
 
 def load_config(home: Path) -> HomeConfig:
@@ -139,8 +143,12 @@ def load_config(home: Path) -> HomeConfig:
             token_label=section.get("token_label"),
             uri=section.get("uri"),
         )
+    nodes = data.get("nodes", [])
+    if not isinstance(nodes, list) or not all(isinstance(n, str) and n for n in nodes):
+        raise ConfigError(f"{path}: field 'nodes' must be a list of directory paths")
     base_url = data.get("base_url")
     return HomeConfig(
+        nodes=tuple(Path(n) for n in nodes),
         home=home,
         engine=engine,
         base_url=base_url.rstrip("/") if base_url else None,
@@ -149,6 +157,13 @@ def load_config(home: Path) -> HomeConfig:
         pkcs11=pkcs11,
         ocsp_cache_seconds=cache,
     )
+
+
+def write_config(cfg: HomeConfig) -> None:
+    """Rewrite the home's config atomically (node changes)."""
+    from hsm_ca.fileio import atomic_write
+
+    atomic_write(cfg.config_path, render_config(cfg).encode(), 0o600)
 
 
 def validate_base_url(url: str) -> str:

@@ -27,7 +27,7 @@ import hmac
 import json
 import os
 import secrets
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -49,6 +49,7 @@ from hsm_ca.engine.base import (
 from hsm_ca.errors import (
     AlreadyExists,
     EngineError,
+    HsmCaError,
     KeyNotFound,
     LockedOut,
     LoginFailed,
@@ -65,7 +66,6 @@ DEFAULT_SCRYPT_N = 2**14
 MIN_SCRYPT_N = 2**10
 KEYSTORE = "keystore"
 PARTITION_KEY = "partition.key"
-LOCKFILE = ".lock"
 
 
 def _b64(data: bytes) -> str:
@@ -119,18 +119,43 @@ class SoftKeyHandle:
         return f"SoftKeyHandle(label={self.label!r}, key_type={self.key_type!r})"
 
 
+@dataclass
+class NodeStatus:
+    """What one replica partition looks like right now."""
+
+    path: Path
+    health: str  # ok | stale | missing | unreachable | tampered | foreign
+    generation: int | None
+    detail: str = ""
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"path": str(self.path), "health": self.health, "generation": self.generation,
+                "detail": self.detail}
+
+
 class SoftEngine:
-    """A software HSM partition: users, roles, lockout, encrypted keys, tamper evidence."""
+    """A software HSM partition: users, roles, lockout, encrypted keys, tamper evidence.
+
+    The partition may be replicated to several *nodes* (directories, ideally on
+    different disks). Every change is written to all reachable nodes or to
+    none (temporary files everywhere first, then renames); reads take the
+    authentic node with the highest generation, so signing goes on while one
+    healthy node remains, and stale or re-added nodes are brought up to date.
+    """
 
     name = "soft"
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, replicas: Sequence[Path] = (), lock_path: Path | None = None) -> None:
         self.path = Path(path)
+        self.nodes = [self.path, *(Path(r) for r in replicas)]
+        self.lock_path = Path(lock_path) if lock_path else self.path.parent / ".hsm.lock"
         self._mk: bytes | None = None
         self._user: str | None = None
         self._role: Role | None = None
         self._loaded_keys: dict[str, Any] = {}
         self._state_cache: dict[str, Any] | None = None
+        self._raw_best: tuple[bytes, bytes] | None = None
+        self.node_status: list[NodeStatus] = []
 
     # ----------------------------------------------------------------- files
     @classmethod
@@ -171,48 +196,165 @@ class SoftEngine:
         engine._write(state)
         return engine
 
-    def _partition_key(self) -> bytes:
+    @staticmethod
+    def _read_node(node: Path) -> tuple[dict[str, Any], bytes, bytes]:
+        """Authenticate one node: (state, keystore bytes, partition key); any altered byte is tampering."""
         try:
-            key = (self.path / PARTITION_KEY).read_bytes()
+            raw = (node / KEYSTORE).read_bytes()
         except FileNotFoundError as e:
-            raise Tampered(f"HSM partition at {self.path} is missing its partition key") from e
+            raise EngineError(f"no HSM partition at {node}") from e
+        try:
+            key = (node / PARTITION_KEY).read_bytes()
+        except FileNotFoundError as e:
+            raise Tampered(f"HSM partition at {node} is missing its partition key") from e
         if len(key) != 32:
-            raise Tampered(f"HSM partition at {self.path}: partition key has been tampered with")
-        return key
-
-    def _read(self) -> dict[str, Any]:
-        """Load and authenticate the keystore; any altered byte is tampering."""
-        try:
-            raw = (self.path / KEYSTORE).read_bytes()
-        except FileNotFoundError as e:
-            raise EngineError(f"no HSM partition at {self.path}") from e
+            raise Tampered(f"HSM partition at {node}: partition key has been tampered with")
         parts = raw.split(b"\n")
         if len(parts) != 3 or parts[2] != b"":
-            raise Tampered(f"HSM keystore {self.path / KEYSTORE} has been tampered with")
+            raise Tampered(f"HSM keystore {node / KEYSTORE} has been tampered with")
         body, mac = parts[0], parts[1]
-        expected = hmac.new(self._partition_key(), body, hashlib.sha256).hexdigest().encode()
+        expected = hmac.new(key, body, hashlib.sha256).hexdigest().encode()
         if not hmac.compare_digest(mac, expected):
-            raise Tampered(f"HSM keystore {self.path / KEYSTORE} has been tampered with")
+            raise Tampered(f"HSM keystore {node / KEYSTORE} has been tampered with")
         try:
             state = json.loads(body)
         except ValueError as e:  # authenticated yet unparsable: treat as tampering
-            raise Tampered(f"HSM keystore {self.path / KEYSTORE} is corrupt") from e
+            raise Tampered(f"HSM keystore {node / KEYSTORE} is corrupt") from e
         if state.get("format") != FORMAT or state.get("version") != VERSION:
-            raise EngineError(f"unsupported HSM keystore format at {self.path}")
-        self._state_cache = state
-        return state
+            raise EngineError(f"unsupported HSM keystore format at {node}")
+        return state, raw, key
+
+    def _read(self) -> dict[str, Any]:
+        """The authentic state with the highest generation among the nodes."""
+        found: list[tuple[Path, dict[str, Any], bytes, bytes]] = []
+        status: list[NodeStatus] = []
+        first_tamper: Tampered | None = None
+        for node in self.nodes:
+            try:
+                state, raw, key = self._read_node(node)
+            except Tampered as e:
+                first_tamper = first_tamper or e
+                status.append(NodeStatus(node, "tampered", None, str(e)))
+                continue
+            except EngineError as e:
+                health = "missing" if node.parent.exists() else "unreachable"
+                status.append(NodeStatus(node, health, None, str(e)))
+                continue
+            except OSError as e:
+                status.append(NodeStatus(node, "unreachable", None, e.strerror or str(e)))
+                continue
+            found.append((node, state, raw, key))
+            status.append(NodeStatus(node, "ok", int(state["generation"])))
+        if not found:
+            self.node_status = status
+            if first_tamper is not None:
+                raise first_tamper
+            raise EngineError(f"no HSM partition at {self.path}")
+        best = max(found, key=lambda f: int(f[1]["generation"]))
+        for st in status:
+            if st.health == "ok":
+                match = next(f for f in found if f[0] == st.path)
+                if match[1]["partition_id"] != best[1]["partition_id"]:
+                    st.health, st.detail = "foreign", "belongs to another partition"
+                elif st.generation is not None and st.generation < int(best[1]["generation"]):
+                    st.health = "stale"
+        self.node_status = status
+        self._raw_best = (best[2], best[3])
+        self._state_cache = best[1]
+        return best[1]
+
+    def _partition_key(self) -> bytes:
+        if self._raw_best is None:
+            self._read()
+        assert self._raw_best is not None
+        return self._raw_best[1]
 
     def _write(self, state: dict[str, Any]) -> None:
+        """Write the next generation to every reachable node, or to none."""
         state["generation"] = int(state.get("generation", 0)) + 1
+        if self._raw_best is not None:
+            key = self._raw_best[1]
+        elif self._any_node():
+            key = self._partition_key()
+        else:  # a partition being created: its key was just written
+            key = (self.path / PARTITION_KEY).read_bytes()
         body = canonical_json(state)
-        mac = hmac.new(self._partition_key(), body, hashlib.sha256).hexdigest().encode()
-        write_private_file(self.path / KEYSTORE, body + b"\n" + mac + b"\n")
+        mac = hmac.new(key, body, hashlib.sha256).hexdigest().encode()
+        self._replicate(body + b"\n" + mac + b"\n", key)
         self._state_cache = state
+        self._raw_best = (body + b"\n" + mac + b"\n", key)
+
+    def _any_node(self) -> bool:
+        return any((n / KEYSTORE).exists() for n in self.nodes)
+
+    def _replicate(self, raw: bytes, key: bytes, only: Sequence[Path] | None = None) -> None:
+        """Two-phase write: temporary files on all reachable nodes, then renames."""
+        prepared: list[tuple[Path, Path]] = []
+        targets = [n for n in (only or self.nodes) if n.parent.exists()]
+        if not targets:
+            raise EngineError("no reachable HSM node to write to")
+        try:
+            for node in targets:
+                node.mkdir(mode=0o700, exist_ok=True)
+                pk = node / PARTITION_KEY
+                if not pk.exists() or pk.read_bytes() != key:
+                    write_private_file(pk, key)
+                tmp = node / f".{KEYSTORE}.{secrets.token_hex(4)}.tmp"
+                fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+                with os.fdopen(fd, "wb") as fh:
+                    fh.write(raw)
+                    fh.flush()
+                    os.fsync(fh.fileno())
+                prepared.append((node, tmp))
+        except OSError as e:
+            for _node, tmp in prepared:
+                with contextlib.suppress(OSError):
+                    tmp.unlink()
+            raise EngineError(f"cannot write HSM node {node}: {e.strerror or e}; nothing was changed") from e
+        for node, tmp in prepared:
+            os.replace(tmp, node / KEYSTORE)
+            dfd = os.open(node, os.O_RDONLY)
+            try:
+                os.fsync(dfd)
+            finally:
+                os.close(dfd)
+
+    def sync_nodes(self) -> list[NodeStatus]:
+        """Bring stale, missing or damaged reachable nodes up to the best generation."""
+        with self._locked():
+            assert self._raw_best is not None
+            behind = [st.path for st in self.node_status
+                      if st.health in ("stale", "missing", "tampered") and st.path.parent.exists()]
+            if behind:
+                self._replicate(self._raw_best[0], self._raw_best[1], only=behind)
+                self._read()
+        return self.node_status
+
+    def add_node(self, path: Path) -> None:
+        """Register a replica directory (empty, absent, or an older copy of this partition)."""
+        path = Path(path)
+        if path in self.nodes:
+            return
+        if (path / KEYSTORE).exists():
+            try:
+                other, _raw, _key = self._read_node(path)
+            except HsmCaError:
+                other = None
+            state = self._read()
+            if other is not None and other.get("partition_id") != state["partition_id"]:
+                raise AlreadyExists(f"{path} holds another HSM partition; refusing to overwrite it")
+        elif path.exists() and any(path.iterdir()):
+            raise AlreadyExists(f"{path} is not empty and holds no HSM partition")
+        if not path.parent.exists():
+            raise EngineError(f"{path.parent} does not exist")
+        self.nodes.append(path)
+        self._read()
+        self.sync_nodes()
 
     @contextlib.contextmanager
     def _locked(self) -> Iterator[dict[str, Any]]:
         """Read-modify-write under an exclusive lock shared by all processes."""
-        fd = os.open(self.path / LOCKFILE, os.O_RDWR | os.O_CREAT, 0o600)
+        fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o600)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
             yield self._read()

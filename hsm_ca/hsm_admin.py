@@ -1,0 +1,272 @@
+"""Crypto-officer operations on the built-in engine: users, backup and restore, nodes.
+
+All of them log in as the crypto officer (audited, like every login) and run
+through the engine, which enforces the roles itself; the CLI only collects
+PINs. A backup is one blob, encrypted and authenticated under the officer PIN
+(scrypt, AES-256-GCM), holding the partition and a consistent snapshot of the
+database; restoring checks the whole blob before writing anything.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import datetime as _dt
+import hashlib
+import json
+import os
+import secrets
+import shutil
+import sqlite3
+import tempfile
+from dataclasses import replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+from hsm_ca.config import (
+    CONFIG_FILE,
+    DB_FILE,
+    HSM_DIR,
+    PROFILES_DIR,
+    HomeConfig,
+    load_config,
+    write_config,
+)
+from hsm_ca.engine.base import Role, UserInfo
+from hsm_ca.errors import (
+    AlreadyExists,
+    ConfigError,
+    EngineError,
+    HsmCaError,
+    LockedOut,
+    LoginFailed,
+    Tampered,
+    UsageError,
+)
+from hsm_ca.fileio import atomic_write
+
+if TYPE_CHECKING:
+    from hsm_ca.authority import Authority
+    from hsm_ca.engine.soft import SoftEngine
+
+BACKUP_MAGIC = b"HSMCA-BACKUP-1\n"
+BACKUP_SCRYPT_N = 2**16
+
+
+def _soft(authority: Authority) -> SoftEngine:
+    from hsm_ca.engine.soft import SoftEngine
+
+    engine = authority.engine(login=False)
+    if not isinstance(engine, SoftEngine):
+        raise UsageError(
+            "this is for the built-in engine; a PKCS#11 token manages its users, backups and "
+            "replication with its own tools"
+        )
+    return engine
+
+
+def officer_login(authority: Authority, so_pin: str) -> SoftEngine:
+    """Log the engine in as the crypto officer (audited, lockout applies)."""
+    engine = _soft(authority)
+    authority.check_rollback()
+    officer = authority.config.officer
+    try:
+        engine.login(officer, so_pin)
+    except (LoginFailed, LockedOut) as e:
+        authority.record_engine_change(
+            "login", "locked" if isinstance(e, LockedOut) else "failed",
+            detail=f"officer {officer}: {e}")
+        raise
+    authority.record_engine_change("login", "ok", detail=f"officer {officer}")
+    return engine
+
+
+# -------------------------------------------------------------------- users
+def list_users(authority: Authority) -> list[UserInfo]:
+    return _soft(authority).list_users()
+
+
+def add_user(authority: Authority, so_pin: str, name: str, role: str, pin: str) -> None:
+    engine = officer_login(authority, so_pin)
+    engine.add_user(name, Role(role), pin)
+    authority.record_engine_change("user-add", "ok", detail=f"user {name} role {role}")
+
+
+def remove_user(authority: Authority, so_pin: str, name: str) -> None:
+    engine = officer_login(authority, so_pin)
+    engine.remove_user(name)
+    authority.record_engine_change("user-remove", "ok", detail=f"user {name}")
+
+
+def unlock_user(authority: Authority, so_pin: str, name: str) -> None:
+    engine = officer_login(authority, so_pin)
+    engine.unlock_user(name)
+    authority.record_engine_change("user-unlock", "ok", detail=f"user {name}")
+
+
+def change_pin(authority: Authority, so_pin: str, name: str, new_pin: str) -> None:
+    engine = officer_login(authority, so_pin)
+    engine.change_pin(name, new_pin)
+    authority.record_engine_change("user-change-pin", "ok", detail=f"user {name}")
+
+
+# -------------------------------------------------------------------- nodes
+def list_nodes(authority: Authority) -> list[dict[str, Any]]:
+    engine = _soft(authority)
+    with contextlib.suppress(HsmCaError):  # every node bad: the statuses say how
+        engine._read()
+    return [st.as_dict() for st in engine.node_status]
+
+
+def add_node(authority: Authority, so_pin: str, path: Path) -> list[dict[str, Any]]:
+    """Add a replica partition; it is brought up to date at once."""
+    path = Path(path).expanduser().resolve()
+    cfg = authority.config
+    if path == cfg.hsm_path.resolve() or path in [n.resolve() for n in cfg.nodes]:
+        engine = officer_login(authority, so_pin)
+        engine.sync_nodes()
+        return [st.as_dict() for st in engine.node_status]
+    engine = officer_login(authority, so_pin)
+    engine.add_node(path)
+    write_config(replace(cfg, nodes=(*cfg.nodes, path)))
+    authority.config = load_config(cfg.home)
+    authority.record_engine_change("node-add", "ok", detail=f"node {path}")
+    return [st.as_dict() for st in engine.node_status]
+
+
+# ------------------------------------------------------------------- backup
+def _kdf(pin: str, salt: bytes, n: int) -> bytes:
+    return hashlib.scrypt(pin.encode(), salt=salt, n=n, r=8, p=1, maxmem=512 * 1024 * 1024,
+                          dklen=32)
+
+
+def _snapshot_db(path: Path) -> bytes:
+    """A consistent copy of the live database through SQLite's backup API."""
+    with tempfile.TemporaryDirectory() as tmp:
+        target = Path(tmp) / "snapshot.db"
+        src = sqlite3.connect(str(path))
+        dst = sqlite3.connect(str(target))
+        try:
+            src.backup(dst)
+        finally:
+            dst.close()
+            src.close()
+        return target.read_bytes()
+
+
+def backup(authority: Authority, so_pin: str, output: Path, *, scrypt_n: int = BACKUP_SCRYPT_N) -> dict[str, Any]:
+    """Write an encrypted, authenticated backup of the partition and the database."""
+    engine = officer_login(authority, so_pin)
+    cfg = authority.config
+    authority.record_engine_change("backup", "ok", detail=f"to {Path(output).name}")
+    db = _snapshot_db(cfg.db_path)  # the database first: the keystore is then never older
+    with engine._locked():
+        assert engine._raw_best is not None
+        keystore, partition_key = engine._raw_best
+    files = {
+        f"{HSM_DIR}/keystore": keystore,
+        f"{HSM_DIR}/partition.key": partition_key,
+        DB_FILE: db,
+        CONFIG_FILE: cfg.config_path.read_bytes(),
+    }
+    if cfg.profiles_path.is_dir():
+        for p in sorted(cfg.profiles_path.glob("*.toml")):
+            files[f"{PROFILES_DIR}/{p.name}"] = p.read_bytes()
+    payload = json.dumps({
+        "format": "hsm-ca-backup", "version": 1,
+        "created": _dt.datetime.now(_dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "files": {k: base64.b64encode(v).decode() for k, v in files.items()},
+    }).encode()
+    salt, nonce = secrets.token_bytes(16), secrets.token_bytes(12)
+    header = BACKUP_MAGIC + json.dumps(
+        {"kdf": "scrypt", "n": scrypt_n, "r": 8, "p": 1, "salt": salt.hex(), "nonce": nonce.hex(),
+         "cipher": "AES-256-GCM"}, sort_keys=True).encode() + b"\n"
+    blob = header + AESGCM(_kdf(so_pin, salt, scrypt_n)).encrypt(nonce, payload, header)
+    atomic_write(output, blob, 0o600)
+    return {"file": str(output), "bytes": len(blob), "files": sorted(files)}
+
+
+def _open_backup(blob: bytes, so_pin: str) -> dict[str, bytes]:
+    if not blob.startswith(BACKUP_MAGIC):
+        raise ConfigError("not an hsm-ca backup file")
+    end = blob.index(b"\n", len(BACKUP_MAGIC)) + 1 if b"\n" in blob[len(BACKUP_MAGIC):] else -1
+    if end <= 0:
+        raise Tampered("the backup's header is damaged")
+    header = blob[:end]
+    try:
+        params = json.loads(header[len(BACKUP_MAGIC):])
+        n, salt, nonce = int(params["n"]), bytes.fromhex(params["salt"]), bytes.fromhex(params["nonce"])
+        if params.get("kdf") != "scrypt" or n < 2**10 or n > 2**22 or n & (n - 1):
+            raise ValueError("KDF parameters")
+    except (ValueError, KeyError, TypeError) as e:
+        raise Tampered("the backup's header is damaged") from e
+    try:
+        payload = AESGCM(_kdf(so_pin, salt, n)).decrypt(nonce, blob[end:], header)
+    except InvalidTag as e:
+        raise LoginFailed("cannot open the backup: wrong officer PIN, or the file was altered") from e
+    data = json.loads(payload)
+    return {k: base64.b64decode(v) for k, v in data["files"].items()}
+
+
+def restore(blob: bytes, so_pin: str, home: Path) -> HomeConfig:
+    """Recreate a whole home from a backup; checks everything before writing anything."""
+    from hsm_ca.engine.soft import SoftEngine
+
+    home = Path(home).expanduser()
+    if home.exists() and any(home.iterdir()):
+        raise AlreadyExists(f"{home} exists and is not empty; restore into a new home")
+    files = _open_backup(blob, so_pin)
+    for required in (f"{HSM_DIR}/keystore", f"{HSM_DIR}/partition.key", DB_FILE, CONFIG_FILE):
+        if required not in files:
+            raise Tampered(f"the backup lacks {required}")
+    for name in files:
+        if name.startswith("/") or ".." in Path(name).parts:
+            raise Tampered(f"the backup names an unsafe path {name!r}")
+    staging = Path(tempfile.mkdtemp(prefix=".restore-", dir=home.parent if home.parent.exists() else None))
+    try:
+        os.chmod(staging, 0o700)
+        for name, data in files.items():
+            target = staging / name
+            target.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+            atomic_write(target, data, 0o600)
+        # the partition must authenticate and the officer PIN must open it
+        probe = SoftEngine(staging / HSM_DIR, lock_path=staging / ".hsm.lock")
+        cfg = load_config(staging)
+        probe.login(cfg.officer, so_pin)
+        probe.close()
+        conn = sqlite3.connect(str(staging / DB_FILE))
+        try:
+            ok = conn.execute("PRAGMA integrity_check").fetchone()[0]
+        finally:
+            conn.close()
+        if ok != "ok":
+            raise Tampered(f"the backup's database fails its integrity check: {ok}")
+        if cfg.nodes:  # replicas belong to the old installation; start with the primary only
+            write_config(replace(cfg, home=staging, nodes=()))
+        home.parent.mkdir(parents=True, exist_ok=True)
+        if home.exists():
+            home.rmdir()
+        os.replace(staging, home)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return load_config(home)
+
+
+def restore_into(blob: bytes, so_pin: str, home: Path) -> Authority:
+    """Restore, then record the restore in the restored audit trail."""
+    from hsm_ca.authority import Authority
+
+    cfg = restore(blob, so_pin, home)
+    authority = Authority(cfg)
+    try:
+        engine = officer_login(authority, so_pin)
+        del engine
+        authority.record_engine_change("restore", "ok", detail=f"restored into {cfg.home}")
+    except EngineError:
+        authority.close()
+        raise
+    return authority
