@@ -335,6 +335,71 @@ class Authority:
             self.record_engine_change("login", "ok")
         return self._engine
 
+    # ----------------------------------------------------- audit checkpoints
+    CHECKPOINT_EVERY = 100
+    AUDIT_KEY = "audit-signing"
+
+    def _audit_key(self) -> KeyHandle:
+        """The HSM key that signs checkpoints, with a self-signed certificate kept in the store."""
+        engine = self.engine()
+        try:
+            handle = engine.get_key(self.AUDIT_KEY)
+        except KeyNotFound:
+            handle = self._new_key(self.AUDIT_KEY, "ec-p256", self.actor())
+        if not self.store.get_meta("audit_cert"):
+            now = _now()
+            name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "hsm-ca audit trail signer")])
+            cert = (
+                x509.CertificateBuilder().subject_name(name).issuer_name(name)
+                .public_key(handle.public_key()).serial_number(new_serial())  # type: ignore[arg-type]
+                .not_valid_before(now).not_valid_after(now + _dt.timedelta(days=36500))
+                .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+                .add_extension(x509.KeyUsage(
+                    digital_signature=True, content_commitment=True, key_encipherment=False,
+                    data_encipherment=False, key_agreement=False, key_cert_sign=False,
+                    crl_sign=False, encipher_only=False, decipher_only=False), critical=True)
+                .sign(as_private_key(handle), signature_hash_for("ec-p256"))
+            )
+            with self.store.transaction():
+                self.store.set_meta("audit_cert", cert_pem(cert))
+        return handle
+
+    def audit_certificate(self) -> x509.Certificate:
+        """The audit signer's certificate (created on first use), for offline verification."""
+        self._audit_key()
+        return x509.load_pem_x509_certificate(self.store.get_meta("audit_cert").encode())  # type: ignore[union-attr]
+
+    def checkpoint(self, reason: str = "manual") -> int:
+        """Sign the audit chain head with the HSM audit key and append it as a record."""
+        import base64
+        import json as _json
+
+        from hsm_ca.audit import checkpoint_payload
+
+        handle = self._audit_key()
+        key = as_private_key(handle)
+        with self.store.transaction():
+            seq, chain = self.audit._head()
+            from cryptography.hazmat.primitives.asymmetric import ec
+
+            signature = key.sign(checkpoint_payload(seq, chain), ec.ECDSA(signature_hash_for("ec-p256")))  # type: ignore[call-arg,arg-type]
+            new_seq = self.audit.append(
+                self.actor(), "checkpoint", "signed", key_label=handle.label,
+                detail=_json.dumps({"seq": seq, "chain": chain, "reason": reason,
+                                    "signature": base64.b64encode(signature).decode()},
+                                   sort_keys=True),
+            )
+            self.store.set_meta("audit_checkpoint", str(new_seq))
+        return new_seq
+
+    def maybe_checkpoint(self, *, force: str | None = None) -> None:
+        """Checkpoint every CHECKPOINT_EVERY records, or now with a reason (e.g. at a CRL)."""
+        if force is None:
+            head, _ = self.audit._head()
+            if head - self.audit.last_checkpoint() < self.CHECKPOINT_EVERY:
+                return
+        self.checkpoint(force or "periodic")
+
     def _generation(self) -> int | None:
         generation = getattr(self._engine, "generation", None)
         return int(generation()) if callable(generation) else None
@@ -397,6 +462,11 @@ class Authority:
             responder = self.store.get_responder(ca["name"])
             if responder:
                 used.setdefault(responder["key_label"], []).append(f"ocsp:{ca['name']}")
+        for signer in self.store.all_rows("signers", "label"):
+            used.setdefault(signer["key_label"], []).append(f"codesign:{signer['label']}")
+        for tsa in self.store.all_rows("tsa", "name"):
+            used.setdefault(tsa["key_label"], []).append(f"tsa:{tsa['name']}")
+        used.setdefault(self.AUDIT_KEY, []).append("audit checkpoints")
         return [
             {
                 "label": k.label,
@@ -661,6 +731,8 @@ class Authority:
                             item.certificate, item.ca, item.profile, chain, item.source
                         )
                     results[i] = item
+        if drafts:
+            self.maybe_checkpoint()
         return [r for r in results if r is not None]
 
     def _issue_batch(
@@ -698,7 +770,10 @@ class Authority:
         for d in drafts:
             try:
                 builder = self._builder(d, ca_name, issuer_name, issuer_handle, issuer_cert)
+                linted = _prelint(builder, d.profile, issuer_key_type, hash_alg)
                 cert = builder.sign(private_key, hash_alg)
+                if linted is not None and linted != cert.tbs_certificate_bytes:
+                    raise EngineError("the signed certificate differs from the one that was linted")
                 _check_signature(cert, issuer_handle.public_key())
                 signed.append(cert)
             except HsmCaError as e:
@@ -711,9 +786,11 @@ class Authority:
             for d, cert in zip(drafts, signed, strict=True):
                 serial = format_serial(d.serial)
                 if isinstance(cert, HsmCaError):
-                    store.mark_serial(serial, "failed")
+                    refused = isinstance(cert, PolicyViolation)
+                    store.mark_serial(serial, "refused" if refused else "failed")
                     audit.append(
-                        actor, "issue", "failed", ca=ca_name, key_label=issuer_handle.label,
+                        actor, "issue", "refused" if refused else "failed", ca=ca_name,
+                        key_label=issuer_handle.label,
                         profile=d.profile.name, serial=serial,
                         subject=d.subject.rfc4514_string(), csr_sha256=d.csr_sha256,
                         detail=f"{d.source}: {cert}",
@@ -1023,6 +1100,25 @@ def _validity(
     if issuer is not None and not_after > issuer.not_after:
         not_after = issuer.not_after
     return now, not_after
+
+
+def _prelint(builder: x509.CertificateBuilder, profile: Profile, issuer_key_type: str,
+             hash_alg: Any) -> bytes | None:
+    """With ``lint = true`` in the profile: sign the TBS with a throwaway key and lint it.
+
+    Returns the linted TBS bytes (the HSM's certificate must match them), or
+    raises PolicyViolation naming the findings, before the CA key is used.
+    """
+    if not profile.lint:
+        return None
+    from hsm_ca.linting import lint_certificate, throwaway_key
+
+    pre = builder.sign(throwaway_key(issuer_key_type), hash_alg)
+    findings = lint_certificate(pre.public_bytes(serialization.Encoding.DER),
+                                cabf_serverauth=profile.cabf_server_auth)
+    if findings:
+        raise PolicyViolation(f"pre-issuance lint failed ({profile.name}): {', '.join(findings)}")
+    return pre.tbs_certificate_bytes
 
 
 def _check_signature(cert: x509.Certificate, public_key: PublicKeyTypes) -> None:

@@ -154,6 +154,7 @@ def sign_files(
                              f"signer={signer_label}" + (" timestamped" if tsa else "")))
         write(target, der)
         results.append(SignResult(f, target, size, sha256, signer_label, row["serial"], tsa is not None))
+    authority.maybe_checkpoint()
     return results
 
 

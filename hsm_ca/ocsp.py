@@ -223,6 +223,7 @@ class OcspResponder:
             serial=serial, object_sha256=hashlib.sha256(der).hexdigest(),
             detail=f"status={label}" + (" nonce" if nonce is not None else ""),
         )
+        self.authority.maybe_checkpoint()
         answer = OcspAnswer(der, nonce is None, now, next_update, label)
         if nonce is None and self.cache_seconds:
             if len(self._cache) > 100_000:

@@ -219,7 +219,22 @@ def sign_crl(authority: Authority, ca_name: str, *, delta: bool = False) -> CrlR
         issuer_name=ca.subject, last_update=now, next_update=next_update,
         extensions=extensions, revoked_certificates=revoked,
     )
+    linted = None
+    if profile.lint:  # lint the exact TBS, signed with a throwaway key, before the CA key signs
+        from hsm_ca.linting import lint_crl, throwaway_key
+
+        pre = builder.sign(throwaway_key(ca.key_type), signature_hash_for(ca.key_type))
+        findings = lint_crl(pre.public_bytes(serialization.Encoding.DER))
+        if findings:
+            audit.append(actor, "crl", "refused", ca=ca_name, key_label=ca.key_label,
+                         detail=f"CRL number {number}: pre-issuance lint failed: {', '.join(findings)}")
+            raise PolicyViolation(f"pre-issuance lint of CRL {number} failed: {', '.join(findings)}")
+        linted = pre.tbs_certlist_bytes
     crl = builder.sign(as_private_key(handle), signature_hash_for(ca.key_type))  # type: ignore[arg-type]
+    if linted is not None and crl.tbs_certlist_bytes != linted:
+        from hsm_ca.errors import EngineError
+
+        raise EngineError("the signed CRL differs from the one that was linted")
     if not crl.is_signature_valid(ca.certificate.public_key()):  # type: ignore[arg-type]
         from hsm_ca.errors import EngineError
 
@@ -240,6 +255,7 @@ def sign_crl(authority: Authority, ca_name: str, *, delta: bool = False) -> CrlR
                      object_sha256=sha,
                      detail=f"{'delta' if delta else 'full'} CRL number {number}, "
                             f"{len(revoked)} entries")
+    authority.maybe_checkpoint(force=f"{'delta ' if delta else ''}CRL {number} of {ca_name}")
     return CrlResult(ca_name, number, int(base_row["number"]) if base_row else None,
                      len(revoked), crl)
 

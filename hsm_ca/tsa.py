@@ -135,6 +135,7 @@ class TimeStampAuthority:
                          serial=format_serial(serial),
                          object_sha256=hashlib.sha256(der).hexdigest(),
                          detail=f"{hash_name}:{imprint.hex()} {detail}".strip())
+        self.authority.maybe_checkpoint()
         return der
 
     def respond(self, data: bytes) -> bytes:
