@@ -6,6 +6,7 @@ import json
 import sqlite3
 from pathlib import Path
 
+import pytest
 from conftest import Cli, make_csr
 
 from hsm_ca.audit import GENESIS, chain_value
@@ -132,3 +133,74 @@ def test_refused_requests_are_recorded(pki: Cli, tmp_path: Path) -> None:
     assert {r["ca"] for r in refused} == {"issuing", "nope"}
     assert all(r["detail"] for r in refused)
     pki.ok("audit", "verify")
+
+
+def _rechain(cli: Cli) -> None:
+    """What an attacker with write access does after editing: recompute every chain value."""
+    from hsm_ca.audit import FIELDS
+
+    with _db(cli) as db:
+        rows = db.execute(f"SELECT {', '.join(FIELDS)} FROM audit ORDER BY seq").fetchall()
+        prev = GENESIS
+        for row in rows:
+            record = dict(zip(FIELDS, row, strict=True))
+            prev = chain_value(prev, record)
+            db.execute("UPDATE audit SET chain=? WHERE seq=?", (prev, record["seq"]))
+        db.execute("UPDATE meta SET value=? WHERE key='audit_head'",
+                   (json.dumps({"seq": rows[-1][0], "chain": prev}),))
+
+
+def test_checkpoints_catch_a_rewritten_history(pki: Cli, tmp_path: Path) -> None:
+    _issue(pki, tmp_path, 2)
+    pki.ok("crl", "issuing")  # every CRL is a checkpoint
+    cert = tmp_path / "audit.pem"
+    pki.ok("audit", "cert", "-o", str(cert))
+    ok = pki.ok("audit", "verify", "--trust", str(cert)).out
+    assert "checkpoint(s) signed and verified" in ok
+    with _db(pki) as db:
+        db.execute("UPDATE audit SET subject='CN=rewritten' WHERE seq=5")
+    _rechain(pki)
+    r = pki("audit", "verify", "--trust", str(cert))
+    assert r.code == 1 and "checkpoint" in r.err and "forged" in r.err
+
+
+def test_periodic_checkpoints(pki: Cli, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from hsm_ca.authority import Authority
+
+    monkeypatch.setattr(Authority, "CHECKPOINT_EVERY", 5)
+    _issue(pki, tmp_path, 6)
+    records = json.loads(pki.ok("--json", "audit", "list").out)
+    checkpoints = [r["seq"] for r in records if r["action"] == "checkpoint"]
+    assert len(checkpoints) >= 3
+    assert all(b - a <= 5 + 4 for a, b in zip(checkpoints, checkpoints[1:], strict=False))
+
+
+def test_offline_verification_of_an_export(pki: Cli, tmp_path: Path) -> None:
+    _issue(pki, tmp_path, 1)
+    pki.ok("audit", "checkpoint")
+    _issue(pki, tmp_path, 1)
+    export, cert = tmp_path / "a.jsonl", tmp_path / "audit.pem"
+    pki.ok("audit", "export", "-o", str(export))
+    pki.ok("audit", "cert", "-o", str(cert))
+    assert "intact" in pki.ok("audit", "verify", "--file", str(export), "--trust", str(cert)).out
+    lines = export.read_text().splitlines(keepends=True)
+    cut = tmp_path / "cut.jsonl"
+    cut.write_text("".join(lines[:-2]))
+    r = pki("audit", "verify", "--file", str(cut), "--trust", str(cert))
+    assert r.code == 1 and "unsigned" in r.err
+    other = tmp_path / "other.pem"  # a different key must not vouch for the trail
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(x509.oid.NameOID.COMMON_NAME, "impostor")])
+    import datetime as dt
+
+    now = dt.datetime.now(dt.UTC)
+    fake = (x509.CertificateBuilder().subject_name(name).issuer_name(name)
+            .public_key(key.public_key()).serial_number(7).not_valid_before(now)
+            .not_valid_after(now + dt.timedelta(days=1)).sign(key, hashes.SHA256()))
+    other.write_bytes(fake.public_bytes(serialization.Encoding.PEM))
+    r = pki("audit", "verify", "--file", str(export), "--trust", str(other))
+    assert r.code == 1 and "signature does not verify" in r.err
