@@ -21,7 +21,7 @@ import hashlib
 import os
 import shutil
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -262,10 +262,11 @@ class Authority:
 
                 if officer_pin is None:
                     raise ConfigError("the built-in engine needs a crypto-officer PIN too")
-                SoftEngine.create(
+                created = SoftEngine.create(
                     cfg.hsm_path, officer=officer, officer_pin=officer_pin, user=user,
                     user_pin=user_pin, scrypt_n=scrypt_n or DEFAULT_SCRYPT_N,
                 )
+                cfg = replace(cfg, partition_id=created.current_partition_id())
             elif engine == "pkcs11":
                 if pkcs11 is None:
                     raise UsageError("--engine pkcs11 needs --pkcs11-module")
@@ -308,8 +309,8 @@ class Authority:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def actor(self) -> Actor:
-        return Actor(os_user(), self.config.user)
+    def actor(self, hsm_user: str | None = None) -> Actor:
+        return Actor(os_user(), hsm_user or self.config.user)
 
     # -------------------------------------------------------------- engine
     def engine(self, *, login: bool = True) -> HsmEngine:
@@ -423,14 +424,15 @@ class Authority:
             self.audit.append(self.actor(), "login", "refused", detail=message)
             raise Tampered(message)
 
-    def record_engine_change(self, action: str, outcome: str, **fields: Any) -> None:
+    def record_engine_change(self, action: str, outcome: str, *, hsm_user: str | None = None,
+                             **fields: Any) -> None:
         """An audit record carrying the keystore generation, kept with it in one transaction."""
         generation = self._generation()
         detail = fields.pop("detail", None)
         if generation is not None:
             detail = f"{detail + '; ' if detail else ''}generation={generation}"
         with self.store.transaction():
-            self.audit.append(self.actor(), action, outcome, detail=detail, **fields)
+            self.audit.append(self.actor(hsm_user), action, outcome, detail=detail, **fields)
             if generation is not None:
                 seen = int(self.store.get_meta("hsm_generation") or 0)
                 self.store.set_meta("hsm_generation", str(max(seen, generation)))
@@ -1186,7 +1188,8 @@ def open_engine(config: HomeConfig) -> HsmEngine:
     if config.engine == "soft":
         from hsm_ca.engine.soft import SoftEngine
 
-        return SoftEngine(config.hsm_path, config.nodes, lock_path=config.home / ".hsm.lock")
+        return SoftEngine(config.hsm_path, config.nodes, lock_path=config.home / ".hsm.lock",
+                          partition_id=config.partition_id)
     if config.engine == "pkcs11":
         try:
             from hsm_ca.engine.pkcs11 import Pkcs11Engine  # type: ignore[import-not-found]

@@ -47,6 +47,8 @@ class HomeConfig:
     pkcs11: Pkcs11Settings | None = None
     ocsp_cache_seconds: int = 300
     nodes: tuple[Path, ...] = ()
+    partition_id: str | None = None
+    configured_user: str | None = None  # the file's user; ``user`` may come from $HSM_CA_USER
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -89,12 +91,14 @@ def render_config(cfg: HomeConfig) -> str:
     lines = [
         "# hsm-ca home configuration (written by 'hsm-ca init')",
         f"engine = {_toml_value(cfg.engine)}",
-        f"user = {_toml_value(cfg.user)}",
+        f"user = {_toml_value(cfg.configured_user or cfg.user)}",
         f"officer = {_toml_value(cfg.officer)}",
         f"ocsp_cache_seconds = {cfg.ocsp_cache_seconds}",
     ]
     if cfg.base_url:
         lines.append(f"base_url = {_toml_value(cfg.base_url)}")
+    if cfg.partition_id:
+        lines.append(f"partition_id = {_toml_value(cfg.partition_id)}")
     if cfg.nodes:
         lines.append("# replica partitions of the built-in engine (hsm-ca hsm node add)")
         lines.append("nodes = [" + ", ".join(_toml_value(str(n)) for n in cfg.nodes) + "]")
@@ -109,7 +113,8 @@ def render_config(cfg: HomeConfig) -> str:
     return "\n".join(lines) + "\n"
 
 
-_TOP_KEYS = {"engine", "base_url", "user", "officer", "ocsp_cache_seconds", "pkcs11", "nodes"}
+_TOP_KEYS = {"engine", "base_url", "user", "officer", "ocsp_cache_seconds", "pkcs11", "nodes",
+             "partition_id"}
 
 
 def load_config(home: Path) -> HomeConfig:
@@ -149,6 +154,8 @@ def load_config(home: Path) -> HomeConfig:
     base_url = data.get("base_url")
     return HomeConfig(
         nodes=tuple(Path(n) for n in nodes),
+        partition_id=data.get("partition_id") if isinstance(data.get("partition_id"), str) else None,
+        configured_user=data.get("user", DEFAULT_USER),
         home=home,
         engine=engine,
         base_url=base_url.rstrip("/") if base_url else None,

@@ -54,6 +54,12 @@ if TYPE_CHECKING:
 
 BACKUP_MAGIC = b"HSMCA-BACKUP-1\n"
 BACKUP_SCRYPT_N = 2**16
+MIN_BACKUP_N, MAX_BACKUP_N = 2**10, 2**18  # 2**18 * 128 * r=8 bytes = 256 MiB of scrypt memory
+
+
+def _record(authority: Authority, action: str, outcome: str, **fields: Any) -> None:
+    """Officer actions are audited under the officer's name."""
+    authority.record_engine_change(action, outcome, hsm_user=authority.config.officer, **fields)
 
 
 def _soft(authority: Authority) -> SoftEngine:
@@ -76,11 +82,11 @@ def officer_login(authority: Authority, so_pin: str) -> SoftEngine:
     try:
         engine.login(officer, so_pin)
     except (LoginFailed, LockedOut) as e:
-        authority.record_engine_change(
+        _record(authority,
             "login", "locked" if isinstance(e, LockedOut) else "failed",
             detail=f"officer {officer}: {e}")
         raise
-    authority.record_engine_change("login", "ok", detail=f"officer {officer}")
+    _record(authority, "login", "ok", detail=f"officer {officer}")
     return engine
 
 
@@ -92,25 +98,25 @@ def list_users(authority: Authority) -> list[UserInfo]:
 def add_user(authority: Authority, so_pin: str, name: str, role: str, pin: str) -> None:
     engine = officer_login(authority, so_pin)
     engine.add_user(name, Role(role), pin)
-    authority.record_engine_change("user-add", "ok", detail=f"user {name} role {role}")
+    _record(authority, "user-add", "ok", detail=f"user {name} role {role}")
 
 
 def remove_user(authority: Authority, so_pin: str, name: str) -> None:
     engine = officer_login(authority, so_pin)
     engine.remove_user(name)
-    authority.record_engine_change("user-remove", "ok", detail=f"user {name}")
+    _record(authority, "user-remove", "ok", detail=f"user {name}")
 
 
 def unlock_user(authority: Authority, so_pin: str, name: str) -> None:
     engine = officer_login(authority, so_pin)
     engine.unlock_user(name)
-    authority.record_engine_change("user-unlock", "ok", detail=f"user {name}")
+    _record(authority, "user-unlock", "ok", detail=f"user {name}")
 
 
 def change_pin(authority: Authority, so_pin: str, name: str, new_pin: str) -> None:
     engine = officer_login(authority, so_pin)
     engine.change_pin(name, new_pin)
-    authority.record_engine_change("user-change-pin", "ok", detail=f"user {name}")
+    _record(authority, "user-change-pin", "ok", detail=f"user {name}")
 
 
 # -------------------------------------------------------------------- nodes
@@ -133,7 +139,7 @@ def add_node(authority: Authority, so_pin: str, path: Path) -> list[dict[str, An
     engine.add_node(path)
     write_config(replace(cfg, nodes=(*cfg.nodes, path)))
     authority.config = load_config(cfg.home)
-    authority.record_engine_change("node-add", "ok", detail=f"node {path}")
+    _record(authority, "node-add", "ok", detail=f"node {path}")
     return [st.as_dict() for st in engine.node_status]
 
 
@@ -159,9 +165,9 @@ def _snapshot_db(path: Path) -> bytes:
 
 def backup(authority: Authority, so_pin: str, output: Path, *, scrypt_n: int = BACKUP_SCRYPT_N) -> dict[str, Any]:
     """Write an encrypted, authenticated backup of the partition and the database."""
+    _check_backup_n(scrypt_n, UsageError)
     engine = officer_login(authority, so_pin)
     cfg = authority.config
-    authority.record_engine_change("backup", "ok", detail=f"to {Path(output).name}")
     db = _snapshot_db(cfg.db_path)  # the database first: the keystore is then never older
     with engine._locked():
         assert engine._raw_best is not None
@@ -186,7 +192,14 @@ def backup(authority: Authority, so_pin: str, output: Path, *, scrypt_n: int = B
          "cipher": "AES-256-GCM"}, sort_keys=True).encode() + b"\n"
     blob = header + AESGCM(_kdf(so_pin, salt, scrypt_n)).encrypt(nonce, payload, header)
     atomic_write(output, blob, 0o600)
+    _record(authority, "backup", "ok", detail=f"to {Path(output).name}",
+            object_sha256=hashlib.sha256(blob).hexdigest())
     return {"file": str(output), "bytes": len(blob), "files": sorted(files)}
+
+
+def _check_backup_n(n: int, error: type[HsmCaError]) -> None:
+    if n < MIN_BACKUP_N or n > MAX_BACKUP_N or n & (n - 1):
+        raise error(f"backup scrypt cost must be a power of two from {MIN_BACKUP_N} to {MAX_BACKUP_N}")
 
 
 def _open_backup(blob: bytes, so_pin: str) -> dict[str, bytes]:
@@ -199,8 +212,9 @@ def _open_backup(blob: bytes, so_pin: str) -> dict[str, bytes]:
     try:
         params = json.loads(header[len(BACKUP_MAGIC):])
         n, salt, nonce = int(params["n"]), bytes.fromhex(params["salt"]), bytes.fromhex(params["nonce"])
-        if params.get("kdf") != "scrypt" or n < 2**10 or n > 2**22 or n & (n - 1):
-            raise ValueError("KDF parameters")
+        if params.get("kdf") != "scrypt":
+            raise ValueError("KDF")
+        _check_backup_n(n, Tampered)  # bounded before use: the header is authenticated only after
     except (ValueError, KeyError, TypeError) as e:
         raise Tampered("the backup's header is damaged") from e
     try:
@@ -265,7 +279,7 @@ def restore_into(blob: bytes, so_pin: str, home: Path) -> Authority:
     try:
         engine = officer_login(authority, so_pin)
         del engine
-        authority.record_engine_change("restore", "ok", detail=f"restored into {cfg.home}")
+        _record(authority, "restore", "ok", detail=f"restored into {cfg.home}")
     except EngineError:
         authority.close()
         raise

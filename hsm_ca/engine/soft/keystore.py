@@ -145,8 +145,10 @@ class SoftEngine:
 
     name = "soft"
 
-    def __init__(self, path: Path, replicas: Sequence[Path] = (), lock_path: Path | None = None) -> None:
+    def __init__(self, path: Path, replicas: Sequence[Path] = (), lock_path: Path | None = None,
+                 partition_id: str | None = None) -> None:
         self.path = Path(path)
+        self.partition_id = partition_id
         self.nodes = [self.path, *(Path(r) for r in replicas)]
         self.lock_path = Path(lock_path) if lock_path else self.path.parent / ".hsm.lock"
         self._mk: bytes | None = None
@@ -206,7 +208,7 @@ class SoftEngine:
         try:
             key = (node / PARTITION_KEY).read_bytes()
         except FileNotFoundError as e:
-            raise Tampered(f"HSM partition at {node} is missing its partition key") from e
+            raise Tampered(f"HSM partition at {node} has been tampered with: its partition key is missing") from e
         if len(key) != 32:
             raise Tampered(f"HSM partition at {node}: partition key has been tampered with")
         parts = raw.split(b"\n")
@@ -250,14 +252,24 @@ class SoftEngine:
             if first_tamper is not None:
                 raise first_tamper
             raise EngineError(f"no HSM partition at {self.path}")
-        best = max(found, key=lambda f: int(f[1]["generation"]))
+        # Which partition is ours: the configured one, else the primary's, else the newest.
+        # A node holding another partition is never read from and never written to.
+        wanted = self.partition_id
+        if wanted is None:
+            primary = next((f for f in found if f[0] == self.path), None)
+            wanted = (primary or max(found, key=lambda f: int(f[1]["generation"])))[1]["partition_id"]
+        ours = [f for f in found if f[1]["partition_id"] == wanted]
         for st in status:
-            if st.health == "ok":
-                match = next(f for f in found if f[0] == st.path)
-                if match[1]["partition_id"] != best[1]["partition_id"]:
-                    st.health, st.detail = "foreign", "belongs to another partition"
-                elif st.generation is not None and st.generation < int(best[1]["generation"]):
-                    st.health = "stale"
+            if st.health == "ok" and next(f for f in found if f[0] == st.path)[1]["partition_id"] != wanted:
+                st.health, st.detail = "foreign", "holds another HSM partition; left untouched"
+        if not ours:
+            self.node_status = status
+            raise Tampered(f"no node holds this CA's HSM partition {wanted}; the nodes hold others")
+        best = max(ours, key=lambda f: int(f[1]["generation"]))
+        for st in status:
+            if st.health == "ok" and st.generation is not None and \
+                    st.generation < int(best[1]["generation"]):
+                st.health = "stale"
         self.node_status = status
         self._raw_best = (best[2], best[3])
         self._state_cache = best[1]
@@ -290,7 +302,8 @@ class SoftEngine:
     def _replicate(self, raw: bytes, key: bytes, only: Sequence[Path] | None = None) -> None:
         """Two-phase write: temporary files on all reachable nodes, then renames."""
         prepared: list[tuple[Path, Path]] = []
-        targets = [n for n in (only or self.nodes) if n.parent.exists()]
+        foreign = {st.path for st in self.node_status if st.health == "foreign"}
+        targets = [n for n in (only or self.nodes) if n.parent.exists() and n not in foreign]
         if not targets:
             raise EngineError("no reachable HSM node to write to")
         try:
@@ -338,10 +351,12 @@ class SoftEngine:
         if (path / KEYSTORE).exists():
             try:
                 other, _raw, _key = self._read_node(path)
-            except HsmCaError:
-                other = None
+            except HsmCaError as e:
+                raise AlreadyExists(
+                    f"{path} holds an HSM keystore that does not authenticate; refusing to overwrite it"
+                ) from e
             state = self._read()
-            if other is not None and other.get("partition_id") != state["partition_id"]:
+            if other.get("partition_id") != state["partition_id"]:
                 raise AlreadyExists(f"{path} holds another HSM partition; refusing to overwrite it")
         elif path.exists() and any(path.iterdir()):
             raise AlreadyExists(f"{path} is not empty and holds no HSM partition")
@@ -460,7 +475,7 @@ class SoftEngine:
         if self._role not in roles:
             wanted = " or ".join(r.value for r in roles)
             raise PermissionDenied(
-                f"HSM user {self._user!r} is a {self._role.value}; this needs a {wanted}"
+                f"HSM user {self._user!r} has the role {self._role.value}; this needs a {wanted}"
             )
         return self._mk
 
@@ -587,6 +602,9 @@ class SoftEngine:
             del state["keys"][label]
             self._write(state)
         self._loaded_keys.pop(label, None)
+
+    def current_partition_id(self) -> str:
+        return str(self._read()["partition_id"])
 
     def generation(self) -> int:
         return int(self._read()["generation"])
