@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import hashlib
+from collections.abc import Callable
 from typing import Any
 
 from asn1crypto import algos, cms, core, tsp
@@ -96,12 +97,19 @@ def build_signed_data(
     digest_name: str,
     when: _dt.datetime,
     content: bytes | None = None,
+    include_certificates: bool = True,
+    unsigned: Callable[[bytes], list[cms.CMSAttribute]] | None = None,
 ) -> tuple[cms.ContentInfo, bytes]:
-    """A SignedData over a precomputed content digest; returns it and the signature value."""
+    """A SignedData over a precomputed content digest; returns it and the signature value.
+
+    ``unsigned`` receives the signature value and returns unsigned attributes
+    (a signature time stamp), so the structure is built once: asn1crypto is
+    very slow to re-encode a SignedData that nests another one.
+    """
     attrs = signed_attributes(content_type, digest, signer, when)
     signature = engine_sign(handle, attrs.dump(), digest_name)
     acert = to_asn1(signer)
-    signer_info = cms.SignerInfo({
+    info: dict[str, Any] = {
         "version": "v1",
         "sid": cms.SignerIdentifier({"issuer_and_serial_number": cms.IssuerAndSerialNumber({
             "issuer": acert.issuer, "serial_number": acert.serial_number})}),
@@ -110,28 +118,31 @@ def build_signed_data(
         "signature_algorithm": algos.SignedDigestAlgorithm(
             _signature_algorithm(handle.key_type, digest_name)),
         "signature": signature,
-    })
+    }
+    if unsigned is not None:
+        extra = unsigned(signature)
+        if extra:
+            info["unsigned_attrs"] = _der_set(extra)
+    signer_info = cms.SignerInfo(info)
     encap: dict[str, Any] = {"content_type": content_type}
     if content is not None:
         encap["content"] = core.ParsableOctetString(content)
-    signed = cms.SignedData({
+    signed: dict[str, Any] = {
         "version": "v1" if content_type == "data" else "v3",
         "digest_algorithms": [algos.DigestAlgorithm({"algorithm": digest_name})],
         "encap_content_info": encap,
-        "certificates": [to_asn1(c) for c in [signer, *chain]],
         "signer_infos": [signer_info],
-    })
-    return cms.ContentInfo({"content_type": "signed_data", "content": signed}), signature
+    }
+    if include_certificates:
+        signed["certificates"] = [to_asn1(c) for c in [signer, *chain]]
+    return cms.ContentInfo({"content_type": "signed_data",
+                            "content": cms.SignedData(signed)}), signature
 
 
-def add_unsigned_attribute(info: cms.ContentInfo, attr_type: str, value: Any) -> cms.ContentInfo:
-    """Return a copy of ``info`` whose (single) SignerInfo carries one more unsigned attribute."""
-    copy = cms.ContentInfo.load(info.dump())
-    signer_info = copy["content"]["signer_infos"][0]
-    existing = list(signer_info["unsigned_attrs"]) if signer_info["unsigned_attrs"].native else []
-    existing.append(cms.CMSAttribute({"type": attr_type, "values": [value]}))
-    signer_info["unsigned_attrs"] = _der_set(existing)
-    return cms.ContentInfo.load(copy.dump(force=True))
+def time_stamp_attribute(token_der: bytes) -> cms.CMSAttribute:
+    """id-aa-signatureTimeStampToken carrying a DER TimeStampToken."""
+    return cms.CMSAttribute({"type": "signature_time_stamp_token",
+                             "values": [cms.ContentInfo.load(token_der)]})
 
 
 def signed_attrs_bytes(signer_info: cms.SignerInfo) -> bytes:

@@ -24,11 +24,11 @@ from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from hsm_ca.cms import (
     HASHES,
-    add_unsigned_attribute,
     build_signed_data,
     digest_name_for,
     signed_attrs_bytes,
     stream_digest,
+    time_stamp_attribute,
 )
 from hsm_ca.errors import AlreadyExists, HsmCaError, NotFound, PolicyViolation, UsageError
 from hsm_ca.x509util import rfc3339
@@ -116,16 +116,22 @@ def sign_files(
             audit.append(actor, "codesign", "refused", key_label=f"codesign-{signer_label}",
                          detail=f"{f}: {e}")
         raise
-    cert = x509.load_pem_x509_certificate(row["pem"].encode())
-    chain = authority.chain(row["ca"], include_root=False)
-    handle = authority.engine().get_key(row["key_label"])
-    if handle.public_key() != cert.public_key():
-        raise PolicyViolation(f"signer {signer_label!r}'s key does not match its certificate")
     tsa = None
-    if timestamp:
-        from hsm_ca.tsa import TimeStampAuthority
+    try:
+        if timestamp:
+            from hsm_ca.tsa import TimeStampAuthority
 
-        tsa = TimeStampAuthority(authority)
+            tsa = TimeStampAuthority(authority)
+        cert = x509.load_pem_x509_certificate(row["pem"].encode())
+        chain = authority.chain(row["ca"], include_root=False)
+        handle = authority.engine().get_key(row["key_label"])
+        if handle.public_key() != cert.public_key():
+            raise PolicyViolation(f"signer {signer_label!r}'s key does not match its certificate")
+    except HsmCaError as e:
+        for f in files:
+            audit.append(actor, "codesign", "refused", key_label=row["key_label"],
+                         serial=row["serial"], detail=f"{f}: {e}")
+        raise
     digest_name = digest_name_for(handle.key_type)
     results = []
     for f in files:
@@ -136,15 +142,17 @@ def sign_files(
                          serial=row["serial"], detail=f"{f}: cannot read ({e.strerror})")
             raise HsmCaError(f"cannot read {f}: {e.strerror}") from e
         now = _dt.datetime.now(_dt.UTC).replace(microsecond=0)
-        info_ci, signature = build_signed_data(
-            handle=handle, signer=cert, chain=chain, content_type="data", digest=digest,
-            digest_name=digest_name, when=now,
-        )
-        if tsa is not None:
+
+        def stamp(signature: bytes, name: str = os.path.basename(f)) -> list[cms.CMSAttribute]:
+            assert tsa is not None
             token = tsa.timestamp("sha256", hashlib.sha256(signature).digest(),
-                                  detail=f"signature on {os.path.basename(f)}")
-            info_ci = add_unsigned_attribute(info_ci, "signature_time_stamp_token",
-                                             cms.ContentInfo.load(token))
+                                  detail=f"signature on {name}")
+            return [time_stamp_attribute(token)]
+
+        info_ci, _signature = build_signed_data(
+            handle=handle, signer=cert, chain=chain, content_type="data", digest=digest,
+            digest_name=digest_name, when=now, unsigned=stamp if tsa is not None else None,
+        )
         der = info_ci.dump()
         target = output or f"{f}.p7s"
         audit.append(actor, "codesign", "signed", ca=row["ca"], key_label=row["key_label"],
@@ -328,7 +336,6 @@ def verify_file(path: str, sig_path: str, trust: list[x509.Certificate],
             if info["content_type"].native != "signed_data":
                 raise _Invalid("not a CMS SignedData")
             signed = info["content"]
-            signed.native  # noqa: B018 - force a full parse
         except _Invalid:
             raise
         except (ValueError, TypeError, KeyError, OSError) as e:
@@ -371,3 +378,6 @@ def verify_file(path: str, sig_path: str, trust: list[x509.Certificate],
         return verdict
     except _Invalid as e:
         return Verdict(False, str(e))
+    except (ValueError, TypeError, KeyError, AttributeError, IndexError) as e:
+        # asn1crypto parses lazily: malformed parts surface wherever they are first touched
+        return Verdict(False, f"the signature is malformed ({type(e).__name__})")

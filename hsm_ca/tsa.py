@@ -122,13 +122,11 @@ class TimeStampAuthority:
         tst = tsp.TSTInfo(info).dump()
         digest_name = digest_name_for(handle.key_type)
         token, _sig = build_signed_data(
-            handle=handle, signer=self.cert, chain=self.chain() if cert_req else [],
+            handle=handle, signer=self.cert, chain=self.chain(),
             content_type="tst_info", digest=hashlib.new(digest_name, tst).digest(),
-            digest_name=digest_name, when=now, content=tst,
+            digest_name=digest_name, when=now, content=tst, include_certificates=cert_req,
         )
-        if not cert_req:
-            token["content"]["certificates"] = None
-        der = token.dump(force=True)
+        der = token.dump()
         with store.transaction():
             store.mark_serial(format_serial(serial), "issued")
             audit.append(actor, "timestamp", "issued", ca=self.row["ca"], key_label=handle.label,
@@ -144,7 +142,7 @@ class TimeStampAuthority:
             if not data or len(data) > MAX_REQUEST:
                 raise _Reject("bad_request", "empty or oversized request")
             req = tsp.TimeStampReq.load(data, strict=True)
-            req.native  # noqa: B018 - forces a full parse so malformed DER fails here
+            req.native  # noqa: B018 - a small structure: parse it whole so bad DER fails here
             if req["version"].native != "v1":
                 raise _Reject("bad_request", "unsupported version")
             imprint = req["message_imprint"]
@@ -160,7 +158,7 @@ class TimeStampAuthority:
             if req["extensions"].native:
                 for ext in req["extensions"]:
                     if ext["critical"].native:
-                        raise _Reject("unaccepted_extension", "critical extension in request")
+                        raise _Reject("unaccepted_extensions", "critical extension in request")
             nonce = req["nonce"].native
             token = self.timestamp(hash_name, hashed, nonce=nonce,
                                    cert_req=bool(req["cert_req"].native))
