@@ -18,7 +18,6 @@ Errors are ``HsmCaError`` subclasses. Names are imported lazily so that
 from __future__ import annotations
 
 import importlib
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
@@ -54,6 +53,8 @@ __all__ = [
 ]
 
 if TYPE_CHECKING:
+    from pathlib import Path
+
     from hsm_ca.authority import Authority
     from hsm_ca.bootstrap import Plan
 
@@ -87,6 +88,8 @@ def open_home(home: str | Path | None = None, *, pin: str | None = None) -> Auth
 def init_home(home: str | Path, *, user_pin: str, officer_pin: str | None = None,
               engine: str = "soft", base_url: str | None = None, **options: Any) -> Authority:
     """Create a new home, as ``hsm-ca init`` does; refuses if one exists."""
+    from pathlib import Path
+
     from hsm_ca.authority import Authority
     from hsm_ca.config import validate_base_url
 

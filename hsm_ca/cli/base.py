@@ -2,30 +2,30 @@
 
 from __future__ import annotations
 
-import json
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import click
 
 if TYPE_CHECKING:
+    from pathlib import Path
+
     from hsm_ca.authority import Authority
     from hsm_ca.config import HomeConfig
 
 
-@dataclass
 class State:
     """Global options, plus the opened authority (closed when the command ends)."""
 
-    home_flag: str | None
-    as_json: bool
-    debug: bool
-    pin_file: str | None
-    _authority: Authority | None = field(default=None, repr=False)
+    def __init__(self, home_flag: str | None, as_json: bool, debug: bool,
+                 pin_file: str | None) -> None:
+        self.home_flag = home_flag
+        self.as_json = as_json
+        self.debug = debug
+        self.pin_file = pin_file
+        self._authority: Authority | None = None
 
     @property
     def home(self) -> Path:
@@ -39,6 +39,8 @@ class State:
         return load_config(self.home)
 
     def user_pin_source(self, pin_file: str | None = None) -> Any:
+        from pathlib import Path
+
         from hsm_ca.config import pin_source
 
         chosen = pin_file or self.pin_file
@@ -118,6 +120,8 @@ def state() -> State:
 
 
 def emit_json(obj: Any) -> None:
+    import json
+
     click.echo(json.dumps(obj, indent=2, sort_keys=False, default=str))
 
 

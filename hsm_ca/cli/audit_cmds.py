@@ -1,0 +1,132 @@
+"""The audit command group. No logic here: parse, call one service method, render."""
+
+from __future__ import annotations
+
+import click
+
+from hsm_ca.cli.base import (
+    emit_json,
+    json_flag,
+    print_table,
+    read_input_file,
+    state,
+    translate_os_errors,
+    write_output,
+)
+from hsm_ca.cli.options import pin_file_option
+
+
+# ------------------------------------------------------------------- audit
+@click.group()
+def audit() -> None:
+    """The tamper-evident audit trail."""
+
+
+@audit.command("list")
+@json_flag
+@click.option("--since", type=click.IntRange(min=0), default=0, metavar="SEQ",
+              help="Only records after SEQ.")
+def audit_list(since: int) -> None:
+    """List audit records."""
+    st = state()
+    rows = list(st.authority().audit.records(since))
+    if st.as_json:
+        emit_json(rows)
+        return
+    print_table(
+        ["seq", "time", "user", "action", "outcome", "ca", "serial", "subject / detail"],
+        [[r["seq"], r["time"], f"{r['os_user']}/{r['hsm_user'] or '-'}", r["action"], r["outcome"],
+          r["ca"], r["serial"], r["subject"] or r["detail"]] for r in rows],
+    )
+
+
+@audit.command("verify")
+@click.option("--trust", "trust_cert", type=click.Path(dir_okay=False), metavar="CERT",
+              help="The audit signer's certificate (from 'audit cert') to check checkpoints with.")
+@click.option("--file", "export_file", type=click.Path(dir_okay=False), metavar="EXPORT",
+              help="Verify an exported trail (JSON Lines) offline; needs --trust.")
+@json_flag
+def audit_verify(trust_cert: str | None, export_file: str | None) -> None:
+    """Check the whole trail and its signed checkpoints; exit 1 naming the first bad record."""
+    from hsm_ca.errors import UsageError
+
+    st = state()
+    trust_key = None
+    if trust_cert:
+        from cryptography import x509
+
+        try:
+            trust_key = x509.load_pem_x509_certificate(read_input_file(trust_cert)).public_key()
+        except ValueError as e:
+            raise UsageError(f"{trust_cert} is not a PEM certificate") from e
+    if export_file:
+        from hsm_ca.audit import verify_export
+
+        if trust_key is None:
+            raise UsageError("--file needs --trust CERT (the audit signer's certificate)")
+        with translate_os_errors(f"cannot read {export_file}"), open(export_file, encoding="utf-8") as fh:
+            report = verify_export(fh, trust_key)
+    else:
+        report = st.authority().audit.verify(trust_key)
+    if st.as_json:
+        emit_json(report.as_dict())
+    elif report.ok:
+        click.echo(f"Audit trail intact: {report.records} records")
+        for note in report.notes:
+            click.echo(f"Note: {note}")
+    if not report.ok:
+        click.echo(f"Error: audit trail broken: {report.problem}", err=True)
+        raise click.exceptions.Exit(1)
+
+
+@audit.command("checkpoint")
+@pin_file_option
+@json_flag
+def audit_checkpoint(pin_file: str | None) -> None:
+    """Sign the current head of the trail with the HSM audit key now."""
+    st = state()
+    seq = st.authority(pin_file).checkpoint("manual")
+    if st.as_json:
+        emit_json({"checkpoint": seq})
+    else:
+        click.echo(f"Checkpoint {seq} signed")
+
+
+@audit.command("cert")
+@click.option("-o", "--output", type=click.Path(dir_okay=False), metavar="FILE")
+@pin_file_option
+def audit_cert(output: str | None, pin_file: str | None) -> None:
+    """Write the audit signer's certificate (PEM), for 'audit verify --trust'."""
+    from hsm_ca.x509util import cert_pem
+
+    pem = cert_pem(state().authority(pin_file).audit_certificate())
+    if output:
+        with translate_os_errors(f"cannot write {output}"):
+            write_output(output, pem.encode())
+    else:
+        click.echo(pem, nl=False)
+
+
+@audit.command("export")
+@click.option("-o", "--output", type=click.Path(dir_okay=False), metavar="FILE")
+@click.option("--no-checkpoint", is_flag=True,
+              help="Do not sign a checkpoint first (the export then cannot be verified to its end).")
+@pin_file_option
+def audit_export(output: str | None, no_checkpoint: bool, pin_file: str | None) -> None:
+    """Write the trail as JSON Lines, one record a line, ending with a signed checkpoint."""
+    import json
+    import os
+
+    from hsm_ca.config import PIN_ENV
+
+    st = state()
+    auth = st.authority(pin_file)
+    if not no_checkpoint and (pin_file or st.pin_file or os.environ.get(PIN_ENV)):
+        auth.checkpoint("export")
+    lines = [json.dumps(r, sort_keys=True, separators=(",", ":")) for r in auth.audit.records()]
+    data = "".join(line + "\n" for line in lines)
+    if output:
+        with translate_os_errors(f"cannot write {output}"):
+            write_output(output, data.encode())
+    else:
+        click.echo(data, nl=False)

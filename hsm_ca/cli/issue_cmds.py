@@ -1,0 +1,147 @@
+"""Issuing: sign, list, show. No logic here: parse, call one service method, render."""
+
+from __future__ import annotations
+
+import click
+
+from hsm_ca.cli.base import (
+    emit_json,
+    json_flag,
+    print_table,
+    read_input_file,
+    state,
+    translate_os_errors,
+    write_output,
+)
+from hsm_ca.cli.options import Path, pin_file_option
+
+
+# ----------------------------------------------------------------- issuing
+@click.command()
+@json_flag
+@click.argument("csr_files", nargs=-1, required=True, metavar="CSR_FILE...")
+@click.option("--ca", "ca_name", required=True, metavar="NAME")
+@click.option("--profile", required=True, metavar="PROFILE")
+@click.option("--days", type=click.IntRange(min=1), default=None)
+@click.option("--chain", is_flag=True, help="Append the issuing CA chain (root excluded).")
+@click.option("-o", "--output", type=click.Path(dir_okay=False), metavar="FILE")
+@click.option("--out-dir", type=click.Path(file_okay=False), metavar="DIR",
+              help="With several CSRs: write <csr stem>.pem for each into DIR.")
+@pin_file_option
+def sign(csr_files: tuple[str, ...], ca_name: str, profile: str, days: int | None, chain: bool,
+         output: str | None, out_dir: str | None, pin_file: str | None) -> None:
+    """Sign PKCS#10 CSRs (PEM or DER) with a CA under a profile."""
+    from hsm_ca.authority import IssuedCertificate
+    from hsm_ca.errors import HsmCaError, UsageError
+    from hsm_ca.x509util import cert_pem
+
+    st = state()
+    if len(csr_files) > 1 and not out_dir:
+        raise UsageError("several CSR files need --out-dir DIR")
+    if output and out_dir:
+        raise UsageError("use either -o FILE or --out-dir DIR, not both")
+    if out_dir:
+        stems = [Path(f).stem for f in csr_files]
+        dupes = sorted({s for s in stems if stems.count(s) > 1})
+        if dupes:
+            raise UsageError(f"several CSR files share the name {dupes[0]!r}; --out-dir needs unique stems")
+        if not Path(out_dir).is_dir():
+            with translate_os_errors(f"cannot create {out_dir}"):
+                Path(out_dir).mkdir(parents=True, exist_ok=True)
+    auth = st.authority(pin_file)
+    inputs: list[tuple[str, bytes]] = []
+    unreadable: list[tuple[str, HsmCaError]] = []
+    for f in csr_files:
+        try:
+            inputs.append((f, read_input_file(f)))
+        except HsmCaError as e:
+            if len(csr_files) == 1:
+                raise
+            unreadable.append((f, e))
+    results = auth.sign_csrs(ca_name, inputs, profile, days=days) if inputs else []
+    if len(csr_files) == 1 and not out_dir:
+        result = results[0]
+        if not isinstance(result, IssuedCertificate):
+            raise result.error
+        pem = result.pem + ("".join(cert_pem(c) for c in result.chain) if chain else "")
+        info = result.as_dict()
+        if output:
+            with translate_os_errors(f"cannot write {output}"):
+                write_output(output, pem.encode())
+            info["file"] = output
+        if st.as_json:
+            if not output:
+                info["pem"] = pem
+            emit_json(info)
+        else:
+            if not output:
+                click.echo(pem, nl=False)
+            msg = f"Issued {info['serial']} to {info['subject'] or '(empty subject)'} " \
+                  f"(profile {profile}, CA {ca_name}, valid until {info['not_after']})"
+            click.echo(msg + (f" -> {output}" if output else ""), err=not output)
+        return
+    report = []
+    refused = 0
+    for f, err in unreadable:
+        refused += 1
+        report.append({"source": f, "error": str(err), "refused": True})
+    for result in results:
+        if isinstance(result, IssuedCertificate):
+            target = Path(out_dir) / f"{Path(result.source or result.serial).stem}.pem"  # type: ignore[arg-type]
+            pem = result.pem + ("".join(cert_pem(c) for c in result.chain) if chain else "")
+            with translate_os_errors(f"cannot write {target}"):
+                write_output(target, pem.encode())
+            info = result.as_dict()
+            info["source"] = result.source
+            info["file"] = str(target)
+            report.append(info)
+        else:
+            refused += 1
+            report.append(result.as_dict())
+    if st.as_json:
+        emit_json(report)
+    else:
+        for r in report:
+            if r.get("refused"):
+                click.echo(f"Refused {r['source']}: {r['error']}", err=True)
+            else:
+                click.echo(f"Issued {r['serial']} {r['source']} -> {r['file']}")
+        click.echo(f"{len(report) - refused} issued, {refused} refused", err=True)
+    if refused:
+        raise click.exceptions.Exit(1)
+
+
+@click.command("list")
+@json_flag
+@click.option("--ca", "ca_name", metavar="NAME", help="Only certificates issued by this CA.")
+@click.option("--revoked", is_flag=True, help="Only revoked certificates.")
+def list_certs(ca_name: str | None, revoked: bool) -> None:
+    """List issued certificates."""
+    st = state()
+    rows = st.authority().list_certificates(ca_name, revoked)
+    if st.as_json:
+        emit_json(rows)
+        return
+    print_table(
+        ["serial", "ca", "profile", "subject (or first SAN)", "not after", "status"],
+        [[r["serial"], r["ca"], r["profile"], r["name"], r["not_after"], r["status"]] for r in rows],
+    )
+
+
+@click.command()
+@json_flag
+@click.argument("serial")
+def show(serial: str) -> None:
+    """Show one certificate by serial (hex, any case, colons allowed)."""
+    st = state()
+    info = st.authority().show_certificate(serial)
+    if st.as_json:
+        emit_json(info)
+        return
+    for key in ("serial", "subject", "issuer", "ca", "profile", "key_type", "not_before",
+                "not_after", "status", "revoked_at", "revocation_reason", "sha256"):
+        if info.get(key) is not None:
+            click.echo(f"{key:>18}: {info[key]}")
+    click.echo(f"{'sans':>18}: {', '.join(info['sans']) or '-'}")
+    click.echo(f"{'extensions':>18}: {', '.join(info['extensions'])}")
+    click.echo(info["pem"], nl=False)
