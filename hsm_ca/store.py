@@ -12,13 +12,14 @@ import contextlib
 import json
 import os
 import sqlite3
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Any
-
-import sqlite_utils
+from typing import TYPE_CHECKING, Any
 
 from hsm_ca.errors import ConfigError
+
+if TYPE_CHECKING:
+    import sqlite_utils
 
 SCHEMA_VERSION = 4
 
@@ -173,15 +174,36 @@ class Store:
         if mode.lower() != "wal":
             raise ConfigError(f"CA database {self.path} could not switch to WAL mode")
         self.conn = conn
-        self.db = sqlite_utils.Database(conn)
+        self._db: sqlite_utils.Database | None = None
         self._migrate()
+
+    @property
+    def db(self) -> sqlite_utils.Database:
+        """sqlite-utils over the same connection, made on first use.
+
+        Schema work and listings go through it; the few statements on the
+        signing path are plain SQL, so a one-shot ``hsm-ca sign`` need not pay
+        for importing sqlite-utils (about 50 ms here).
+        """
+        if self._db is None:
+            import sqlite_utils
+
+            self._db = sqlite_utils.Database(self.conn)
+        return self._db
+
+    def _rows(self, sql: str, args: Sequence[Any] = ()) -> list[dict[str, Any]]:
+        cur = self.conn.execute(sql, args)
+        names = [d[0] for d in cur.description]
+        return [dict(zip(names, row, strict=True)) for row in cur.fetchall()]
 
     def close(self) -> None:
         self.conn.close()
 
     # ------------------------------------------------------------ schema
     def _version(self) -> int:
-        if "meta" not in self.db.table_names():
+        if not self.conn.execute(
+            "SELECT 1 FROM sqlite_master WHERE type='table' AND name='meta'"
+        ).fetchone():
             return 0
         row = self.conn.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
         return int(row[0]) if row else 0
@@ -235,7 +257,7 @@ class Store:
         self.db["cas"].insert(row)
 
     def get_ca(self, name: str) -> dict[str, Any] | None:
-        rows = list(self.db["cas"].rows_where("name = ?", [name]))
+        rows = self._rows("SELECT * FROM cas WHERE name = ?", [name])
         return rows[0] if rows else None
 
     def list_cas(self) -> list[dict[str, Any]]:
@@ -268,10 +290,14 @@ class Store:
         row = dict(row)
         if isinstance(row.get("sans"), list | tuple):
             row["sans"] = json.dumps(row["sans"])
-        self.db["certificates"].insert(row)
+        cols = list(row)
+        self.conn.execute(
+            f"INSERT INTO certificates({', '.join(cols)}) VALUES({', '.join('?' for _ in cols)})",
+            [row[c] for c in cols],
+        )
 
     def get_certificate(self, serial: str) -> dict[str, Any] | None:
-        rows = list(self.db["certificates"].rows_where("serial = ?", [serial]))
+        rows = self._rows("SELECT * FROM certificates WHERE serial = ?", [serial])
         return _decode_cert(rows[0]) if rows else None
 
     def list_certificates(
