@@ -250,13 +250,19 @@ class Authority:
                 raise AlreadyExists(
                     f"{home} already exists and is not empty; refusing to initialise over it"
                 )
+        # Build the home in a staging directory beside it and rename it into place, so
+        # a run killed half-way leaves no half-made home that blocks the next attempt.
+        home.parent.mkdir(parents=True, exist_ok=True)
+        for stale in home.parent.glob(f".{home.name}.init-*"):
+            shutil.rmtree(stale, ignore_errors=True)
+        staging = home.parent / f".{home.name}.init-{os.getpid()}"
         cfg = HomeConfig(
-            home=home, engine=engine, base_url=base_url, user=user, officer=officer,
+            home=staging, engine=engine, base_url=base_url, user=user, officer=officer,
             pkcs11=pkcs11,
         )
         try:
-            home.mkdir(parents=True, exist_ok=True, mode=0o700)
-            os.chmod(home, 0o700)
+            staging.mkdir(mode=0o700)
+            os.chmod(staging, 0o700)
             if engine == "soft":
                 from hsm_ca.engine.soft import DEFAULT_SCRYPT_N, SoftEngine
 
@@ -280,22 +286,19 @@ class Authority:
             fd = os.open(cfg.config_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
             with os.fdopen(fd, "w", encoding="utf-8") as fh:
                 fh.write(render_config(cfg))
-            Store(cfg.db_path, create=True).close()
-            authority = cls(cfg, pin=lambda: user_pin)
-            authority.audit.append(
-                authority.actor(), "init", "ok", detail=f"engine={engine}"
-            )
-            return authority
-        except BaseException:
+            store = Store(cfg.db_path, create=True)
+            try:
+                AuditLog(store).append(Actor(os_user(), user), "init", "ok",
+                                       detail=f"engine={engine}")
+            finally:
+                store.close()
             if existed:
-                for child in home.iterdir():
-                    if child.is_dir():
-                        shutil.rmtree(child, ignore_errors=True)
-                    else:
-                        child.unlink(missing_ok=True)
-            else:
-                shutil.rmtree(home, ignore_errors=True)
+                home.rmdir()  # empty, checked above
+            os.replace(staging, home)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
             raise
+        return cls(replace(cfg, home=home), pin=lambda: user_pin)
 
     def close(self) -> None:
         if self._engine is not None:
@@ -747,6 +750,7 @@ class Authority:
         issuer_key_type: str,
         issuer_cert: x509.Certificate | None,
         new_ca: tuple[str, str | None, str, str] | None,
+        on_issued: Callable[[IssuedCertificate], None] | None = None,
     ) -> list[IssuedCertificate | Refusal]:
         actor = self.actor()
         audit = self.audit
@@ -844,7 +848,10 @@ class Authority:
                     profile=d.profile.name, serial=serial, subject=cert.subject.rfc4514_string(),
                     csr_sha256=d.csr_sha256, object_sha256=sha, detail=d.source,
                 )
-                results.append(IssuedCertificate(cert, ca_name, d.profile.name, (), d.source))
+                issued = IssuedCertificate(cert, ca_name, d.profile.name, (), d.source)
+                if on_issued is not None:  # rows that must exist iff the certificate does
+                    on_issued(issued)
+                results.append(issued)
         return results
 
     def _builder(
@@ -975,8 +982,12 @@ class Authority:
         *,
         days: int | None = None,
         reuse_key: bool = False,
+        on_issued: Callable[[IssuedCertificate], None] | None = None,
     ) -> IssuedCertificate:
         """Issue a certificate for a key generated inside the engine (responders, signers, TSA).
+
+        ``on_issued`` runs inside the transaction that stores the certificate,
+        so a signer's or responder's own row is committed with it or not at all.
 
         With ``reuse_key`` an existing key of that label is certified again
         (renewal); otherwise the label must be new (or an orphan of an
@@ -1012,6 +1023,7 @@ class Authority:
         result = self._issue_batch(
             [draft], ca_name=ca.name, issuer_name=ca.subject, issuer_handle=signer.key_handle(),
             issuer_key_type=ca.key_type, issuer_cert=ca.certificate, new_ca=None,
+            on_issued=on_issued,
         )[0]
         if isinstance(result, Refusal):
             raise result.error
@@ -1033,16 +1045,17 @@ class Authority:
             key_type = "ec-p256" if ca.key_type == "ed25519" else ca.key_type
         cn = f"OCSP Responder {ca_name}"
         subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
-        issued = self.issue_for_engine_key(
+        def record(issued: IssuedCertificate) -> None:
+            self.store.set_responder({
+                "ca": ca_name, "key_label": label, "serial": issued.serial, "pem": issued.pem,
+                "not_after": rfc3339(issued.certificate.not_valid_after_utc),
+                "created": rfc3339(_now()),
+            })
+
+        return self.issue_for_engine_key(
             ca_name, "ocsp-signing", subject, label, key_type, days=days,
-            reuse_key=existing is not None,
+            reuse_key=existing is not None, on_issued=record,
         )
-        c = issued.certificate
-        self.store.set_responder({
-            "ca": ca_name, "key_label": label, "serial": issued.serial, "pem": issued.pem,
-            "not_after": rfc3339(c.not_valid_after_utc), "created": rfc3339(_now()),
-        })
-        return issued
 
     def _issuer_publishes_deltas(self, ca_name: str) -> bool:
         """Intermediates publish delta CRLs; roots (rarely revoking, offline) do not."""

@@ -284,7 +284,9 @@ def load_spec(path: str | Path, profiles: ProfileStore | None = None,
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
-        raise BootstrapError(f"{path}: not valid TOML: {e}") from e
+        m = re.search(r"\(at line (\d+), column (\d+)\)", str(e))
+        where = f"{path}:{m.group(1)}:" if m else f"{path}:"
+        raise BootstrapError(f"{where} not valid TOML: {e}") from e
     ld = _Loader(path, text, profiles)
     for key in data:
         if key not in _TOP_KEYS:

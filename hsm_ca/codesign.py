@@ -60,12 +60,17 @@ def new_signer(authority: Authority, label: str, ca_name: str, subject: x509.Nam
     if authority.store.get_row("signers", "label", label) is not None:
         raise AlreadyExists(f"a code-signing signer labelled {label!r} already exists")
     key_label = f"codesign-{label}"
-    issued = authority.issue_for_engine_key(ca_name, "code-signing", subject, key_label, key_type,
-                                            days=days)
-    row = {"label": label, "ca": ca_name, "key_label": key_label, "serial": issued.serial,
-           "pem": issued.pem, "created": rfc3339(_dt.datetime.now(_dt.UTC))}
-    authority.store.upsert_row("signers", row, "label")
-    return signer_info(authority, row)
+    rows: list[dict[str, Any]] = []
+
+    def record(issued: Any) -> None:  # committed with the certificate, or not at all
+        row = {"label": label, "ca": ca_name, "key_label": key_label, "serial": issued.serial,
+               "pem": issued.pem, "created": rfc3339(_dt.datetime.now(_dt.UTC))}
+        authority.store.upsert_row("signers", row, "label")
+        rows.append(row)
+
+    authority.issue_for_engine_key(ca_name, "code-signing", subject, key_label, key_type,
+                                   days=days, on_issued=record)
+    return signer_info(authority, rows[0])
 
 
 def signer_info(authority: Authority, row: dict[str, Any]) -> dict[str, Any]:

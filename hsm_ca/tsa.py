@@ -52,15 +52,20 @@ def create_tsa(
         x509.NameAttribute(NameOID.COMMON_NAME, f"hsm-ca Time-Stamping Authority ({ca_name})"),
     ])
     label = f"tsa-{name}"
-    issued = authority.issue_for_engine_key(ca_name, "timestamping", subject, label, key_type,
-                                            days=days)
     # a per-TSA policy OID under the UUID arc (ITU-T X.667), so no registration is needed
     policy = f"2.25.{secrets.randbits(122)}"
-    row = {"name": name, "ca": ca_name, "key_label": label, "serial": issued.serial,
-           "pem": issued.pem, "policy": policy,
-           "created": rfc3339(_dt.datetime.now(_dt.UTC))}
-    store.upsert_row("tsa", row, "name")
-    return row
+    rows: list[dict[str, Any]] = []
+
+    def record(issued: Any) -> None:  # committed with the certificate, or not at all
+        row = {"name": name, "ca": ca_name, "key_label": label, "serial": issued.serial,
+               "pem": issued.pem, "policy": policy,
+               "created": rfc3339(_dt.datetime.now(_dt.UTC))}
+        store.upsert_row("tsa", row, "name")
+        rows.append(row)
+
+    authority.issue_for_engine_key(ca_name, "timestamping", subject, label, key_type, days=days,
+                                   on_issued=record)
+    return rows[0]
 
 
 class TimeStampAuthority:
