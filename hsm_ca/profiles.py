@@ -35,6 +35,7 @@ EXTENDED_KEY_USAGES = {
     "OCSPSigning": "1.3.6.1.5.5.7.3.9",
 }
 SAN_KINDS = ("dns", "ip", "email", "uri")
+MAX_DAYS = 36500  # a century; beyond it dates stop being meaningful (and 9999-12-31 nears)
 SUBJECT_ATTRIBUTES = ("CN", "O", "OU", "C", "L", "ST", "emailAddress", "serialNumber")
 SHIPPED_PROFILES = (
     "root-ca",
@@ -170,14 +171,16 @@ def parse_profile(name: str, text: str, source: str) -> Profile:
     )
     default_days = _field(cert, "certificate", "default_days", source)
     max_days = _field(cert, "certificate", "max_days", source)
-    if not 1 <= default_days <= max_days:
+    if not 1 <= default_days <= max_days <= MAX_DAYS:
         raise ProfileInvalid(
-            f"{source}: need 1 <= 'certificate.default_days' <= 'certificate.max_days'"
+            f"{source}: need 1 <= 'certificate.default_days' <= 'certificate.max_days' <= {MAX_DAYS}"
         )
     policies = _field(cert, "certificate", "policies", source)
     for oid in policies:
         parts = oid.split(".")
-        if len(parts) < 2 or not all(p.isdigit() for p in parts):
+        ok = len(parts) >= 2 and all(p.isascii() and p.isdigit() for p in parts) \
+            and int(parts[0]) <= 2 and (int(parts[0]) == 2 or int(parts[1]) < 40)
+        if not ok:
             raise ProfileInvalid(f"{source}: 'certificate.policies' has a bad OID {oid!r}")
     key_types = _choices(_field(req, "request", "key_types", source), KEY_TYPES, source, "request.key_types")
     if not key_types:
@@ -239,8 +242,9 @@ class ProfileStore:
     def get(self, name: str) -> Profile:
         if name in self._cache:
             return self._cache[name]
-        if not name or "/" in name or "\\" in name or name.startswith("."):
-            raise ProfileNotFound(f"invalid profile name {name!r}")
+        if not name or len(name) > 64 or name.startswith(".") or \
+                not all(c.isascii() and (c.isalnum() or c in "-_.") for c in name):
+            raise ProfileNotFound(f"invalid profile name {name[:80]!r}")
         for d in self._dirs:
             path = d / f"{name}.toml"
             if path.is_file():

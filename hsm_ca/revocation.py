@@ -161,11 +161,13 @@ def sign_crl(authority: Authority, ca_name: str, *, delta: bool = False) -> CrlR
     ca: CaRecord = authority.get_ca(ca_name)
     handle = CertificateAuthority(authority, ca).key_handle()  # log in before burning a number
     profile = authority.profiles.get("root-ca" if ca.parent is None else "intermediate-ca")
-    now = _dt.datetime.now(_dt.UTC).replace(microsecond=0)
-    next_update = min(now + _dt.timedelta(days=profile.crl_next_update_days), ca.not_after)
-    if next_update <= now:
+    if ca.not_after <= _dt.datetime.now(_dt.UTC):
         raise PolicyViolation(f"CA {ca_name!r} has expired; it cannot sign CRLs")
     with store.transaction():
+        # the time is taken once the write lock is held, so a higher CRL number never
+        # carries an earlier thisUpdate, nor lists a revocation dated after it
+        now = _dt.datetime.now(_dt.UTC).replace(microsecond=0)
+        next_update = min(now + _dt.timedelta(days=profile.crl_next_update_days), ca.not_after)
         base_row = store.latest_crl(ca_name) if delta else None
         if delta and base_row is None:
             raise PolicyViolation(
