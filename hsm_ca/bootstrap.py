@@ -25,9 +25,10 @@ from typing import TYPE_CHECKING, Any
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
+from cryptography.hazmat.primitives.asymmetric import ed25519
 
 from hsm_ca.engine.base import KEY_TYPES
+from hsm_ca.engine.keys import new_software_key
 from hsm_ca.errors import ConfigError, HsmCaError, PolicyViolation
 from hsm_ca.fileio import atomic_write
 from hsm_ca.x509util import cert_pem, rfc3339
@@ -456,15 +457,6 @@ def _parse_san(ld: _Loader, index: int, text: Any) -> x509.GeneralName:
     raise ld.fail("certificate", index, "sans", f"{text!r}: use DNS:, IP:, email: or URI:")
 
 
-def _new_subscriber_key(key_type: str) -> Any:
-    if key_type.startswith("ec-"):
-        return ec.generate_private_key({"ec-p256": ec.SECP256R1(), "ec-p384": ec.SECP384R1(),
-                                        "ec-p521": ec.SECP521R1()}[key_type])
-    if key_type.startswith("rsa-"):
-        return rsa.generate_private_key(public_exponent=65537, key_size=int(key_type[4:]))
-    return ed25519.Ed25519PrivateKey.generate()
-
-
 def _csr_for(key: Any, subject: x509.Name, sans: tuple[x509.GeneralName, ...]) -> x509.CertificateSigningRequest:
     b = x509.CertificateSigningRequestBuilder().subject_name(subject)
     if sans:
@@ -483,7 +475,7 @@ def _probe_csr(subject: x509.Name, sans: tuple[x509.GeneralName, ...], key_type:
     """
     probe_type = "rsa-2048" if key_type.startswith("rsa-") else key_type
     if probe_type not in _PROBE_KEYS:
-        _PROBE_KEYS[probe_type] = _new_subscriber_key(probe_type)
+        _PROBE_KEYS[probe_type] = new_software_key(probe_type)
     return _csr_for(_PROBE_KEYS[probe_type], subject, sans)
 
 
@@ -622,7 +614,7 @@ def _apply_certificate(authority: Authority, c: CertSpec) -> tuple[str, str]:
             except (ValueError, TypeError) as e:
                 raise HsmCaError(f"{c.key_out} exists but is not a private key we can reuse") from e
         if key is None:
-            key = _new_subscriber_key(c.key_type)
+            key = new_software_key(c.key_type)
             c.key_out.parent.mkdir(parents=True, exist_ok=True)
             atomic_write(c.key_out, key.private_bytes(
                 serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,

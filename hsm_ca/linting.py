@@ -12,8 +12,6 @@ from __future__ import annotations
 import functools
 from typing import Any
 
-from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
-
 from hsm_ca.errors import ConfigError
 
 BLOCKING = ("FATAL", "ERROR", "WARNING")
@@ -33,12 +31,9 @@ def _pkilint() -> Any:
 @functools.cache
 def throwaway_key(key_type: str) -> Any:
     """One ephemeral key per type and process; it signs only what is linted, then dies."""
-    if key_type.startswith("ec-"):
-        return ec.generate_private_key({"ec-p256": ec.SECP256R1(), "ec-p384": ec.SECP384R1(),
-                                        "ec-p521": ec.SECP521R1()}[key_type])
-    if key_type.startswith("rsa-"):
-        return rsa.generate_private_key(public_exponent=65537, key_size=int(key_type[4:]))
-    return ed25519.Ed25519PrivateKey.generate()
+    from hsm_ca.engine.keys import new_software_key
+
+    return new_software_key(key_type)
 
 
 def _blocking(results: Any) -> list[str]:

@@ -104,6 +104,20 @@ def as_private_key(handle: KeyHandle) -> CertificateIssuerPrivateKeyTypes:
     raise EngineError(f"no signing adapter for key type {handle.key_type!r}")
 
 
+def new_software_key(key_type: str) -> Any:
+    """A fresh in-memory private key of one of the CLI's key types.
+
+    Used inside the built-in engine, for subscriber keys bootstrap makes on
+    request, and for the throwaway keys of pre-issuance linting.
+    """
+    if key_type.startswith("ec-"):
+        curves = {"ec-p256": ec.SECP256R1(), "ec-p384": ec.SECP384R1(), "ec-p521": ec.SECP521R1()}
+        return ec.generate_private_key(curves[key_type])
+    if key_type.startswith("rsa-"):
+        return rsa.generate_private_key(public_exponent=65537, key_size=int(key_type[4:]))
+    return ed25519.Ed25519PrivateKey.generate()
+
+
 def key_type_of(public_key: Any) -> str:
     """Name a public key in the CLI's key-type vocabulary (``rsa-<bits>`` for any RSA size)."""
     if isinstance(public_key, ec.EllipticCurvePublicKey):

@@ -34,7 +34,7 @@ from typing import Any
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec, ed25519, padding, rsa
+from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 from cryptography.hazmat.primitives.asymmetric.types import PublicKeyTypes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
@@ -46,6 +46,7 @@ from hsm_ca.engine.base import (
     validate_key_type,
     validate_label,
 )
+from hsm_ca.engine.keys import new_software_key
 from hsm_ca.errors import (
     AlreadyExists,
     EngineError,
@@ -88,15 +89,6 @@ def _now() -> str:
 def write_private_file(path: Path, data: bytes) -> None:
     """Write ``data`` to ``path`` atomically and durably, mode 0600 from birth."""
     atomic_write(path, data, 0o600)
-
-
-def _generate_private_key(key_type: str) -> Any:
-    if key_type.startswith("ec-"):
-        curve = {"ec-p256": ec.SECP256R1(), "ec-p384": ec.SECP384R1(), "ec-p521": ec.SECP521R1()}
-        return ec.generate_private_key(curve[key_type])
-    if key_type.startswith("rsa-"):
-        return rsa.generate_private_key(public_exponent=65537, key_size=int(key_type[4:]))
-    return ed25519.Ed25519PrivateKey.generate()
 
 
 @dataclass
@@ -550,7 +542,7 @@ class SoftEngine:
         validate_label(spec.label)
         if spec.extractable:
             raise PermissionDenied("the built-in engine only makes non-extractable keys")
-        key = _generate_private_key(spec.key_type)
+        key = new_software_key(spec.key_type)
         der = key.private_bytes(
             serialization.Encoding.DER,
             serialization.PrivateFormat.PKCS8,
