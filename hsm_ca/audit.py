@@ -97,6 +97,8 @@ class AuditLog:
         self.store = store
 
     def _head(self) -> tuple[int, str]:
+        if "audit_head" in self.store.tx_state:
+            return self.store.tx_state["audit_head"]  # type: ignore[no-any-return]
         raw = self.store.get_meta("audit_head")
         if raw is None:
             return 0, GENESIS
@@ -104,9 +106,14 @@ class AuditLog:
         return int(head["seq"]), str(head["chain"])
 
     def append(self, actor: Actor, action: str, outcome: str, **fields: Any) -> int:
-        """Append one record inside the caller's transaction (opened here if none)."""
+        """Append one record inside the caller's transaction (opened here if none).
+
+        The head is read once per transaction and written once, just before the
+        commit: a batch of a thousand records costs one read and one write of it.
+        """
         with self.store.transaction():
-            seq, prev = self._head()
+            tx = self.store.tx_state
+            seq, prev = tx["audit_head"] if "audit_head" in tx else self._head()
             record: dict[str, Any] = {k: None for k in FIELDS}
             unknown = set(fields) - set(FIELDS)
             if unknown:
@@ -126,10 +133,13 @@ class AuditLog:
                 f"VALUES({', '.join('?' for _ in FIELDS)}, ?)",
                 [record[k] for k in FIELDS] + [record["chain"]],
             )
-            self.store.set_meta(
-                "audit_head", json.dumps({"seq": record["seq"], "chain": record["chain"]})
-            )
+            tx["audit_head"] = (record["seq"], record["chain"])
+            self.store.before_commit("audit_head", self._write_head)
             return int(record["seq"])
+
+    def _write_head(self) -> None:
+        seq, chain = self.store.tx_state["audit_head"]
+        self.store.set_meta("audit_head", json.dumps({"seq": seq, "chain": chain}))
 
     def records(self, since: int = 0) -> Iterator[dict[str, Any]]:
         yield from self.store.db["audit"].rows_where("seq > ?", [since], order_by="seq")

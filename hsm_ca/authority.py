@@ -56,7 +56,15 @@ from hsm_ca.errors import (
 from hsm_ca.profiles import Profile, ProfileStore
 from hsm_ca.serials import format_serial, new_serial, parse_serial
 from hsm_ca.store import Store
-from hsm_ca.x509util import cert_pem, rfc3339, sans_as_strings, signature_hash_for, ski_hex
+from hsm_ca.x509util import (
+    cert_pem,
+    general_names_as_strings,
+    pem_from_der,
+    rfc3339,
+    sans_as_strings,
+    signature_hash_for,
+    ski_hex,
+)
 
 # CA/Browser Forum maximum TLS server certificate validity (ballot SC-081).
 CABF_SCHEDULE: tuple[tuple[_dt.datetime, int], ...] = (
@@ -136,6 +144,7 @@ class IssuedCertificate:
     profile: str
     chain: tuple[x509.Certificate, ...] = ()
     source: str | None = None
+    pem_text: str | None = None
 
     @property
     def serial(self) -> str:
@@ -143,7 +152,7 @@ class IssuedCertificate:
 
     @property
     def pem(self) -> str:
-        return cert_pem(self.certificate)
+        return self.pem_text or cert_pem(self.certificate)
 
     def as_dict(self) -> dict[str, Any]:
         c = self.certificate
@@ -186,6 +195,13 @@ class _Draft:
     source: str | None = None
     serial: int = 0
     extra: dict[str, Any] = field(default_factory=dict)
+    _subject_text: str | None = None
+
+    @property
+    def subject_text(self) -> str:
+        if self._subject_text is None:
+            self._subject_text = self.subject.rfc4514_string()
+        return self._subject_text
 
 
 def _ca_from_row(row: dict[str, Any]) -> CaRecord:
@@ -687,12 +703,10 @@ class Authority:
         drafts: list[_Draft] = []
         for source, data in csrs:
             digest = hashlib.sha256(data).hexdigest()
-            subject_text = None
+            csr = None
             try:
                 csr = load_csr(data, source)
                 digest = csr_sha256(csr)
-                with contextlib.suppress(Exception):
-                    subject_text = csr.subject.rfc4514_string()
                 checked = check_request(csr, profile)
                 nb, na = _validity(profile, days, now, ca)
                 drafts.append(
@@ -705,6 +719,10 @@ class Authority:
                 )
                 results.append(None)
             except HsmCaError as e:
+                subject_text = None
+                if csr is not None:
+                    with contextlib.suppress(Exception):
+                        subject_text = csr.subject.rfc4514_string()
                 self.audit.append(
                     actor, "issue", "refused", ca=ca_name, profile=profile_name,
                     subject=subject_text, csr_sha256=digest, detail=f"{source}: {e}",
@@ -718,7 +736,7 @@ class Authority:
                 for d in drafts:
                     self.audit.append(
                         actor, "issue", "refused", ca=ca_name, profile=profile_name,
-                        csr_sha256=d.csr_sha256, subject=d.subject.rfc4514_string(),
+                        csr_sha256=d.csr_sha256, subject=d.subject_text,
                         detail=f"{d.source}: {e}",
                     )
                 raise
@@ -733,7 +751,8 @@ class Authority:
                     item = next(it)
                     if isinstance(item, IssuedCertificate):
                         item = IssuedCertificate(
-                            item.certificate, item.ca, item.profile, chain, item.source
+                            item.certificate, item.ca, item.profile, chain, item.source,
+                            item.pem_text,
                         )
                     results[i] = item
         if drafts:
@@ -766,12 +785,17 @@ class Authority:
                 audit.append(
                     actor, "issue", "intent", ca=ca_name, key_label=issuer_handle.label,
                     profile=d.profile.name, serial=format_serial(d.serial),
-                    subject=d.subject.rfc4514_string(), csr_sha256=d.csr_sha256,
+                    subject=d.subject_text, csr_sha256=d.csr_sha256,
                     detail=d.source,
                 )
         # 2. build and sign through the engine
         private_key = as_private_key(issuer_handle)
         hash_alg = signature_hash_for(issuer_key_type)
+        # Signatures from a hardware token are checked before they are stored (a faulty HSM
+        # must not issue); the built-in engine signs with cryptography in this process, where
+        # a check would cost as much as the signature and test cryptography against itself.
+        check = not getattr(self._engine, "signatures_trusted", False)
+        issuer_public = issuer_handle.public_key() if check else None
         signed: list[x509.Certificate | HsmCaError] = []
         for d in drafts:
             try:
@@ -780,7 +804,8 @@ class Authority:
                 cert = builder.sign(private_key, hash_alg)
                 if linted is not None and linted != cert.tbs_certificate_bytes:
                     raise EngineError("the signed certificate differs from the one that was linted")
-                _check_signature(cert, issuer_handle.public_key())
+                if issuer_public is not None:
+                    _check_signature(cert, issuer_public)
                 signed.append(cert)
             except HsmCaError as e:
                 signed.append(e)
@@ -798,14 +823,15 @@ class Authority:
                         actor, "issue", "refused" if refused else "failed", ca=ca_name,
                         key_label=issuer_handle.label,
                         profile=d.profile.name, serial=serial,
-                        subject=d.subject.rfc4514_string(), csr_sha256=d.csr_sha256,
+                        subject=d.subject_text, csr_sha256=d.csr_sha256,
                         detail=f"{d.source}: {cert}",
                     )
                     results.append(Refusal(d.source or serial, cert))
                     continue
                 der = cert.public_bytes(serialization.Encoding.DER)
                 sha = hashlib.sha256(der).hexdigest()
-                pem = cert_pem(cert)
+                pem = pem_from_der(der)
+                not_before, not_after = rfc3339(d.not_before), rfc3339(d.not_after)
                 if new_ca is not None:
                     name, parent, label, key_type = new_ca
                     store.insert_ca(
@@ -814,11 +840,11 @@ class Authority:
                             "parent": parent,
                             "key_label": label,
                             "key_type": key_type,
-                            "subject": cert.subject.rfc4514_string(),
+                            "subject": d.subject_text,
                             "serial": serial,
                             "ski": ski_hex(cert),
-                            "not_before": rfc3339(cert.not_valid_before_utc),
-                            "not_after": rfc3339(cert.not_valid_after_utc),
+                            "not_before": not_before,
+                            "not_after": not_after,
                             "path_length": d.path_length,
                             "pem": pem,
                             "created": created,
@@ -830,11 +856,11 @@ class Authority:
                         "serial": serial,
                         "ca": ca_name,
                         "profile": d.profile.name,
-                        "subject": cert.subject.rfc4514_string(),
-                        "sans": sans_as_strings(cert),
+                        "subject": d.subject_text,
+                        "sans": general_names_as_strings(d.sans),
                         "key_type": d.key_type,
-                        "not_before": rfc3339(cert.not_valid_before_utc),
-                        "not_after": rfc3339(cert.not_valid_after_utc),
+                        "not_before": not_before,
+                        "not_after": not_after,
                         "sha256": sha,
                         "csr_sha256": d.csr_sha256,
                         "pem": pem,
@@ -845,10 +871,10 @@ class Authority:
                 store.mark_serial(serial, "issued")
                 audit.append(
                     actor, "issue", "issued", ca=ca_name, key_label=issuer_handle.label,
-                    profile=d.profile.name, serial=serial, subject=cert.subject.rfc4514_string(),
+                    profile=d.profile.name, serial=serial, subject=d.subject_text,
                     csr_sha256=d.csr_sha256, object_sha256=sha, detail=d.source,
                 )
-                issued = IssuedCertificate(cert, ca_name, d.profile.name, (), d.source)
+                issued = IssuedCertificate(cert, ca_name, d.profile.name, (), d.source, pem)
                 if on_issued is not None:  # rows that must exist iff the certificate does
                     on_issued(issued)
                 results.append(issued)

@@ -39,3 +39,19 @@ def atomic_write(path: str | Path, data: bytes, mode: int = 0o644, *, durable: b
             os.fsync(dfd)
         finally:
             os.close(dfd)
+
+
+def sync_directory(path: Path) -> None:
+    """Flush the files and renames in a directory written with ``durable=False``."""
+    for child in path.iterdir():
+        if child.is_file():
+            fd = os.open(child, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

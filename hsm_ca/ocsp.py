@@ -85,7 +85,7 @@ class OcspResponder:
         )
         self.validity = validity
         self._ids: dict[tuple[str, bytes, bytes], str] = {}
-        self._ca_count = -1
+        self._ca_count: Any = None
         self._signers: dict[str, _Signer] = {}
         self._cache: dict[tuple[str, int], tuple[float, OcspAnswer]] = {}
         self._epoch = -1
@@ -93,9 +93,12 @@ class OcspResponder:
 
     # -------------------------------------------------------------- lookup
     def _refresh_ids(self) -> None:
-        cas = self.authority.list_cas()
-        if len(cas) == self._ca_count:
+        # one cheap query per request; the CAs are re-read only when their set changed
+        marker = self.authority.store.conn.execute(
+            "SELECT count(*), max(created) || max(name) FROM cas").fetchone()
+        if marker == self._ca_count:
             return
+        cas = self.authority.list_cas()
         ids: dict[tuple[str, bytes, bytes], str] = {}
         for ca in cas:
             name_der = ca.certificate.subject.public_bytes()
@@ -103,7 +106,7 @@ class OcspResponder:
             for alg in _HASHES:
                 ids[(alg, hashlib.new(alg, name_der).digest(), hashlib.new(alg, key_bits).digest())] = ca.name
         self._ids = ids
-        self._ca_count = len(cas)
+        self._ca_count = marker
 
     def _find_ca(self, req: ocsp.OCSPRequest) -> str | None:
         key = (req.hash_algorithm.name, req.issuer_name_hash, req.issuer_key_hash)

@@ -175,6 +175,9 @@ class Store:
             raise ConfigError(f"CA database {self.path} could not switch to WAL mode")
         self.conn = conn
         self._db: sqlite_utils.Database | None = None
+        # per-transaction scratch (e.g. the audit head) and pre-commit hooks
+        self.tx_state: dict[str, Any] = {}
+        self._before_commit: dict[str, Callable[[], None]] = {}
         self._migrate()
 
     @property
@@ -233,12 +236,23 @@ class Store:
             yield self
             return
         self.conn.execute("BEGIN IMMEDIATE")
+        self.tx_state.clear()
         try:
             yield self
+            for hook in list(self._before_commit.values()):
+                hook()
         except BaseException:
+            self._before_commit.clear()
+            self.tx_state.clear()
             self.conn.execute("ROLLBACK")
             raise
+        self._before_commit.clear()
+        self.tx_state.clear()
         self.conn.execute("COMMIT")
+
+    def before_commit(self, name: str, hook: Callable[[], None]) -> None:
+        """Run ``hook`` once just before the current transaction commits (inside it)."""
+        self._before_commit[name] = hook
 
     # -------------------------------------------------------------- meta
     def get_meta(self, key: str) -> str | None:

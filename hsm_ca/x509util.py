@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import datetime as _dt
 import hashlib
+from typing import Any
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
@@ -60,14 +61,25 @@ def ski_hex(cert: x509.Certificate) -> str | None:
         return None
 
 
+def pem_from_der(der: bytes, label: str = "CERTIFICATE") -> str:
+    """PEM from DER without asking cryptography to serialise the object again."""
+    b64 = base64.b64encode(der).decode("ascii")
+    body = "\n".join(b64[i:i + 64] for i in range(0, len(b64), 64))
+    return f"-----BEGIN {label}-----\n{body}\n-----END {label}-----\n"
+
+
 def sans_as_strings(cert: x509.Certificate) -> list[str]:
     """SANs as ``kind:value`` strings for tables and JSON."""
     try:
         san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
     except x509.ExtensionNotFound:
         return []
+    return general_names_as_strings(san)
+
+
+def general_names_as_strings(names: Any) -> list[str]:
     out = []
-    for name in san:
+    for name in names:
         kind = {
             x509.DNSName: "DNS",
             x509.IPAddress: "IP",

@@ -102,7 +102,11 @@ class SoftKeyHandle:
     _engine: SoftEngine
 
     def public_key(self) -> PublicKeyTypes:
-        return serialization.load_pem_public_key(self._public_pem.encode())
+        cached = self.__dict__.get("_public_cache")
+        if cached is None:
+            cached = serialization.load_pem_public_key(self._public_pem.encode())
+            self.__dict__["_public_cache"] = cached
+        return cached
 
     def sign(self, data: bytes, algorithm: Any, padding_: Any = None) -> bytes:
         return self._engine._sign(self.label, data, algorithm, padding_)
@@ -136,6 +140,8 @@ class SoftEngine:
     """
 
     name = "soft"
+    # signatures are made by cryptography in this process (see Authority._issue_batch)
+    signatures_trusted = True
 
     def __init__(self, path: Path, replicas: Sequence[Path] = (), lock_path: Path | None = None,
                  partition_id: str | None = None) -> None:
