@@ -356,7 +356,7 @@ class Authority:
         return self._engine
 
     # ----------------------------------------------------- audit checkpoints
-    CHECKPOINT_EVERY = 100
+    CHECKPOINT_EVERY = 1000
     AUDIT_KEY = "audit-signing"
 
     def _audit_key(self) -> KeyHandle:

@@ -23,7 +23,7 @@ def test_wheel_contains_profiles_and_entry_point(tmp_path: Path) -> None:
     with zipfile.ZipFile(wheel) as z:
         names = set(z.namelist())
         entry = next(n for n in names if n.endswith("entry_points.txt"))
-        assert "hsm-ca = hsm_ca.cli:main" in z.read(entry).decode()
+        assert "hsm-ca = hsm_ca.entry:main" in z.read(entry).decode()
     for p in ("root-ca", "intermediate-ca", "tls-server", "tls-client", "code-signing",
               "ocsp-signing", "timestamping"):
         assert f"hsm_ca/profiles/{p}.toml" in names

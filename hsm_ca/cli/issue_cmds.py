@@ -37,6 +37,7 @@ def sign(csr_files: tuple[str, ...], ca_name: str, profile: str, days: int | Non
     from hsm_ca.x509util import cert_pem
 
     st = state()
+    st.prelogin(pin_file)  # the PIN's KDF runs on the other core while the rest loads
     if len(csr_files) > 1 and not out_dir:
         raise UsageError("several CSR files need --out-dir DIR")
     if output and out_dir:

@@ -378,6 +378,11 @@ class SoftEngine:
     # ------------------------------------------------------------ users, MK
     def _kek(self, state: dict[str, Any], salt: bytes, pin: str) -> bytes:
         kdf = state["kdf"]
+        from hsm_ca import prelogin
+
+        early = prelogin.take(salt, kdf["n"], kdf["r"], kdf["p"], pin)
+        if early is not None:
+            return early
         return hashlib.scrypt(
             pin.encode("utf-8"), salt=salt, n=kdf["n"], r=kdf["r"], p=kdf["p"],
             maxmem=256 * 1024 * 1024, dklen=32,

@@ -1,0 +1,102 @@
+"""Start the PIN key derivation early, on another core, while the CLI is still importing.
+
+scrypt releases the GIL, so a one-shot command can derive the user's key
+while Python loads cryptography and checks the CSR, instead of after. The
+derivation runs on the keystore's KDF parameters *as read*, unauthenticated;
+login authenticates the keystore first and uses the early result only when
+salt and parameters match exactly, so a forged file can at worst waste the
+early work. Only the standard library is imported here, to start at once.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import threading
+from pathlib import Path
+
+_JOBS: dict[tuple[bytes, int, int, int, bytes], threading.Thread] = {}
+_RESULTS: dict[tuple[bytes, int, int, int, bytes], bytes] = {}
+
+
+def _key(salt: bytes, n: int, r: int, p: int, pin: str) -> tuple[bytes, int, int, int, bytes]:
+    return salt, n, r, p, hashlib.sha256(pin.encode("utf-8")).digest()
+
+
+def start(partition: Path, user: str, pin: str) -> None:
+    """Begin deriving ``user``'s key-encryption key in a background thread (best effort)."""
+    try:
+        body = (Path(partition) / "keystore").read_bytes().split(b"\n", 1)[0]
+        state = json.loads(body)
+        kdf = state["kdf"]
+        salt = base64.b64decode(state["users"][user]["salt"])
+        n, r, p = int(kdf["n"]), int(kdf["r"]), int(kdf["p"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return  # login will find and report whatever is wrong
+    if n > 2**20 or r > 32 or p > 4:  # never let an unauthenticated header pick a huge cost
+        return
+    key = _key(salt, n, r, p, pin)
+    if key in _JOBS:
+        return
+
+    def run() -> None:
+        _RESULTS[key] = hashlib.scrypt(pin.encode("utf-8"), salt=salt, n=n, r=r, p=p,
+                                       maxmem=256 * 1024 * 1024, dklen=32)
+
+    job = threading.Thread(target=run, name="hsm-ca-kdf", daemon=True)
+    _JOBS[key] = job
+    job.start()
+
+
+def take(salt: bytes, n: int, r: int, p: int, pin: str) -> bytes | None:
+    """The early result for exactly these inputs (waiting for it if still running), once."""
+    key = _key(salt, n, r, p, pin)
+    job = _JOBS.pop(key, None)
+    if job is None:
+        return None
+    job.join()
+    return _RESULTS.pop(key, None)
+
+
+# commands that log in to the engine as the crypto user
+_KEY_COMMANDS = {"sign", "ca", "crl", "codesign", "tsa", "serve", "bootstrap", "audit"}
+
+
+def start_from_argv(argv: list[str], environ: dict[str, str]) -> None:
+    """Begin the derivation at process start, before click and cryptography are imported.
+
+    Only the cheapest cases: the PIN in ``$HSM_CA_PIN`` and a built-in-engine
+    home. Anything unusual is left to the normal login.
+    """
+    pin = environ.get("HSM_CA_PIN")
+    if not pin or "--pin-file" in argv or "-h" in argv or "--help" in argv:
+        return
+    home = environ.get("HSM_CA_HOME") or str(Path("~/.hsm-ca").expanduser())
+    command = None
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        if arg == "--home" and i + 1 < len(argv):
+            home = argv[i + 1]
+            i += 2
+            continue
+        if arg.startswith("--home="):
+            home = arg.split("=", 1)[1]
+        elif not arg.startswith("-"):
+            command = arg
+            break
+        i += 1
+    if command not in _KEY_COMMANDS:
+        return
+    try:
+        import tomllib
+
+        config = tomllib.loads((Path(home).expanduser() / "hsm-ca.toml").read_text("utf-8"))
+    except (OSError, ValueError):
+        return
+    if config.get("engine", "soft") != "soft":
+        return
+    user = environ.get("HSM_CA_USER") or config.get("user") or "crypto-user"
+    if isinstance(user, str):
+        start(Path(home).expanduser() / "hsm", user, pin)
