@@ -204,6 +204,24 @@ class _Draft:
         return self._subject_text
 
 
+@dataclass(frozen=True)
+class _IssueContext:
+    """Everything signing needs, gathered on the main thread before any worker starts."""
+
+    ca_name: str
+    issuer_name: x509.Name
+    issuer_handle: KeyHandle
+    issuer_key_type: str
+    issuer_cert: x509.Certificate | None
+    new_ca: tuple[str, str | None, str, str] | None
+    on_issued: Callable[[IssuedCertificate], None] | None
+    base_url: str | None
+    publishes_deltas: bool
+    private_key: Any
+    hash_alg: Any
+    issuer_public: Any
+
+
 def _ca_from_row(row: dict[str, Any]) -> CaRecord:
     cert = x509.load_pem_x509_certificate(row["pem"].encode())
     return CaRecord(
@@ -771,47 +789,79 @@ class Authority:
         new_ca: tuple[str, str | None, str, str] | None,
         on_issued: Callable[[IssuedCertificate], None] | None = None,
     ) -> list[IssuedCertificate | Refusal]:
-        actor = self.actor()
-        audit = self.audit
-        store = self.store
-        created = rfc3339(_now())
-        # 1. serials and intents, durable before the HSM signs anything
-        with store.transaction():
-            for d in drafts:
-                while True:
-                    d.serial = new_serial()
-                    if store.reserve_serial(format_serial(d.serial), ca_name, created):
-                        break
-                audit.append(
-                    actor, "issue", "intent", ca=ca_name, key_label=issuer_handle.label,
-                    profile=d.profile.name, serial=format_serial(d.serial),
-                    subject=d.subject_text, csr_sha256=d.csr_sha256,
-                    detail=d.source,
-                )
-        # 2. build and sign through the engine
-        private_key = as_private_key(issuer_handle)
-        hash_alg = signature_hash_for(issuer_key_type)
+        ctx = self._context(ca_name, issuer_name, issuer_handle, issuer_key_type, issuer_cert,
+                            new_ca, on_issued)
+        self._reserve(drafts, ctx)
+        return self._store(drafts, self._sign(drafts, ctx), ctx)
+
+    def _context(
+        self,
+        ca_name: str,
+        issuer_name: x509.Name,
+        issuer_handle: KeyHandle,
+        issuer_key_type: str,
+        issuer_cert: x509.Certificate | None,
+        new_ca: tuple[str, str | None, str, str] | None,
+        on_issued: Callable[[IssuedCertificate], None] | None = None,
+    ) -> _IssueContext:
         # Signatures from a hardware token are checked before they are stored (a faulty HSM
         # must not issue); the built-in engine signs with cryptography in this process, where
         # a check would cost as much as the signature and test cryptography against itself.
         check = not getattr(self._engine, "signatures_trusted", False)
-        issuer_public = issuer_handle.public_key() if check else None
+        return _IssueContext(
+            ca_name=ca_name, issuer_name=issuer_name, issuer_handle=issuer_handle,
+            issuer_key_type=issuer_key_type, issuer_cert=issuer_cert, new_ca=new_ca,
+            on_issued=on_issued, base_url=self.config.base_url,
+            publishes_deltas=self._issuer_publishes_deltas(ca_name),
+            private_key=as_private_key(issuer_handle),
+            hash_alg=signature_hash_for(issuer_key_type),
+            issuer_public=issuer_handle.public_key() if check else None,
+        )
+
+    def _reserve(self, drafts: list[_Draft], ctx: _IssueContext) -> None:
+        """Step 1: serials and intent records, durable before the HSM signs anything."""
+        actor, audit, store = self.actor(), self.audit, self.store
+        created = rfc3339(_now())
+        with store.transaction():
+            for d in drafts:
+                while True:
+                    d.serial = new_serial()
+                    if store.reserve_serial(format_serial(d.serial), ctx.ca_name, created):
+                        break
+                audit.append(
+                    actor, "issue", "intent", ca=ctx.ca_name, key_label=ctx.issuer_handle.label,
+                    profile=d.profile.name, serial=format_serial(d.serial),
+                    subject=d.subject_text, csr_sha256=d.csr_sha256,
+                    detail=d.source,
+                )
+
+    def _sign(self, drafts: list[_Draft], ctx: _IssueContext) -> list[x509.Certificate | HsmCaError]:
+        """Step 2: build and sign through the engine. Touches no database: it may run on a
+        worker thread while the main thread checks and stores other certificates."""
         signed: list[x509.Certificate | HsmCaError] = []
         for d in drafts:
             try:
-                builder = self._builder(d, ca_name, issuer_name, issuer_handle, issuer_cert)
-                linted = _prelint(builder, d.profile, issuer_key_type, hash_alg)
-                cert = builder.sign(private_key, hash_alg)
+                builder = _builder(d, ctx)
+                linted = _prelint(builder, d.profile, ctx.issuer_key_type, ctx.hash_alg)
+                cert = builder.sign(ctx.private_key, ctx.hash_alg)
                 if linted is not None and linted != cert.tbs_certificate_bytes:
                     raise EngineError("the signed certificate differs from the one that was linted")
-                if issuer_public is not None:
-                    _check_signature(cert, issuer_public)
+                if ctx.issuer_public is not None:
+                    _check_signature(cert, ctx.issuer_public)
                 signed.append(cert)
             except HsmCaError as e:
                 signed.append(e)
             except (ValueError, TypeError) as e:
                 signed.append(EngineError(f"signing failed: {e}"))
-        # 3. certificate rows and issued records, one transaction
+        return signed
+
+    def _store(self, drafts: list[_Draft], signed: list[x509.Certificate | HsmCaError],
+               ctx: _IssueContext) -> list[IssuedCertificate | Refusal]:
+        """Step 3: certificate rows and issued records, one transaction."""
+        actor, audit, store = self.actor(), self.audit, self.store
+        created = rfc3339(_now())
+        ca_name, issuer_handle, new_ca, on_issued = (
+            ctx.ca_name, ctx.issuer_handle, ctx.new_ca, ctx.on_issued)
         results: list[IssuedCertificate | Refusal] = []
         with store.transaction():
             for d, cert in zip(drafts, signed, strict=True):
@@ -879,124 +929,6 @@ class Authority:
                     on_issued(issued)
                 results.append(issued)
         return results
-
-    def _builder(
-        self,
-        d: _Draft,
-        ca_name: str,
-        issuer_name: x509.Name,
-        issuer_handle: KeyHandle,
-        issuer_cert: x509.Certificate | None,
-    ) -> x509.CertificateBuilder:
-        p = d.profile
-        b = (
-            x509.CertificateBuilder()
-            .subject_name(d.subject)
-            .issuer_name(issuer_name)
-            .public_key(d.public_key)  # type: ignore[arg-type]
-            .serial_number(d.serial)
-            .not_valid_before(d.not_before)
-            .not_valid_after(d.not_after)
-        )
-        b = b.add_extension(
-            x509.BasicConstraints(ca=p.is_ca, path_length=d.path_length if p.is_ca else None),
-            critical=True,
-        )
-        ku = set(p.key_usage)
-        if d.key_type.startswith("ec-") or d.key_type == "ed25519":
-            ku.discard("key_encipherment")
-            ku.discard("data_encipherment")
-        if d.key_type == "ed25519" or d.key_type.startswith("rsa-"):
-            ku.discard("key_agreement")
-        b = b.add_extension(
-            x509.KeyUsage(
-                digital_signature="digital_signature" in ku,
-                content_commitment="content_commitment" in ku,
-                key_encipherment="key_encipherment" in ku,
-                data_encipherment="data_encipherment" in ku,
-                key_agreement="key_agreement" in ku,
-                key_cert_sign="key_cert_sign" in ku,
-                crl_sign="crl_sign" in ku,
-                encipher_only=False,
-                decipher_only=False,
-            ),
-            critical=True,
-        )
-        if p.extended_key_usage:
-            b = b.add_extension(
-                x509.ExtendedKeyUsage([x509.ObjectIdentifier(o) for o in p.eku_oids()]),
-                critical=p.eku_critical,
-            )
-        if d.sans:
-            b = b.add_extension(x509.SubjectAlternativeName(list(d.sans)), critical=not len(d.subject))
-        if p.is_ca or p.subject_key_identifier:
-            b = b.add_extension(x509.SubjectKeyIdentifier.from_public_key(d.public_key), critical=False)  # type: ignore[arg-type]
-        if issuer_cert is not None:
-            try:
-                ski = issuer_cert.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
-                aki = x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ski)
-            except x509.ExtensionNotFound:
-                aki = x509.AuthorityKeyIdentifier.from_issuer_public_key(issuer_cert.public_key())  # type: ignore[arg-type]
-            b = b.add_extension(aki, critical=False)
-        elif p.is_ca:  # self-signed root: AKI equal to its own SKI
-            b = b.add_extension(
-                x509.AuthorityKeyIdentifier.from_issuer_public_key(d.public_key),  # type: ignore[arg-type]
-                critical=False,
-            )
-        if p.policies:
-            b = b.add_extension(
-                x509.CertificatePolicies(
-                    [x509.PolicyInformation(x509.ObjectIdentifier(o), None) for o in p.policies]
-                ),
-                critical=False,
-            )
-        if d.extra.get("name_constraints") is not None:
-            b = b.add_extension(d.extra["name_constraints"], critical=True)
-        if p.ocsp_no_check:
-            b = b.add_extension(x509.OCSPNoCheck(), critical=False)
-        base = self.config.base_url
-        if base and issuer_cert is not None:
-            b = b.add_extension(
-                x509.AuthorityInformationAccess(
-                    [
-                        x509.AccessDescription(
-                            AuthorityInformationAccessOID.OCSP,
-                            x509.UniformResourceIdentifier(f"{base}/ocsp/{ca_name}"),
-                        ),
-                        x509.AccessDescription(
-                            AuthorityInformationAccessOID.CA_ISSUERS,
-                            x509.UniformResourceIdentifier(f"{base}/ca/{ca_name}.crt"),
-                        ),
-                    ]
-                ),
-                critical=False,
-            )
-            b = b.add_extension(
-                x509.CRLDistributionPoints(
-                    [
-                        x509.DistributionPoint(
-                            full_name=[x509.UniformResourceIdentifier(f"{base}/crl/{ca_name}.crl")],
-                            relative_name=None, reasons=None, crl_issuer=None,
-                        )
-                    ]
-                ),
-                critical=False,
-            )
-            if self._issuer_publishes_deltas(ca_name) and not p.cabf_server_auth:
-                # (the BRs allow no Freshest CRL extension in TLS server certificates)
-                # where delta CRLs are found (RFC 5280 4.2.1.15); validators such as
-                # pyhanko look for deltas only through this extension of the certificate
-                b = b.add_extension(
-                    x509.FreshestCRL([
-                        x509.DistributionPoint(
-                            full_name=[x509.UniformResourceIdentifier(
-                                f"{base}/crl/{ca_name}-delta.crl")],
-                            relative_name=None, reasons=None, crl_issuer=None,
-                        )
-                    ]),
-                    critical=False,
-                )
-        return b
 
     def issue_for_engine_key(
         self,
@@ -1142,6 +1074,119 @@ def _validity(
         not_after = issuer.not_after
     return now, not_after
 
+
+def _builder(d: _Draft, ctx: _IssueContext) -> x509.CertificateBuilder:
+    """The certificate the profile says, for a checked draft (pure: no I/O, no engine)."""
+    ca_name, issuer_name, issuer_cert = ctx.ca_name, ctx.issuer_name, ctx.issuer_cert
+    p = d.profile
+    b = (
+        x509.CertificateBuilder()
+        .subject_name(d.subject)
+        .issuer_name(issuer_name)
+        .public_key(d.public_key)  # type: ignore[arg-type]
+        .serial_number(d.serial)
+        .not_valid_before(d.not_before)
+        .not_valid_after(d.not_after)
+    )
+    b = b.add_extension(
+        x509.BasicConstraints(ca=p.is_ca, path_length=d.path_length if p.is_ca else None),
+        critical=True,
+    )
+    ku = set(p.key_usage)
+    if d.key_type.startswith("ec-") or d.key_type == "ed25519":
+        ku.discard("key_encipherment")
+        ku.discard("data_encipherment")
+    if d.key_type == "ed25519" or d.key_type.startswith("rsa-"):
+        ku.discard("key_agreement")
+    b = b.add_extension(
+        x509.KeyUsage(
+            digital_signature="digital_signature" in ku,
+            content_commitment="content_commitment" in ku,
+            key_encipherment="key_encipherment" in ku,
+            data_encipherment="data_encipherment" in ku,
+            key_agreement="key_agreement" in ku,
+            key_cert_sign="key_cert_sign" in ku,
+            crl_sign="crl_sign" in ku,
+            encipher_only=False,
+            decipher_only=False,
+        ),
+        critical=True,
+    )
+    if p.extended_key_usage:
+        b = b.add_extension(
+            x509.ExtendedKeyUsage([x509.ObjectIdentifier(o) for o in p.eku_oids()]),
+            critical=p.eku_critical,
+        )
+    if d.sans:
+        b = b.add_extension(x509.SubjectAlternativeName(list(d.sans)), critical=not len(d.subject))
+    if p.is_ca or p.subject_key_identifier:
+        b = b.add_extension(x509.SubjectKeyIdentifier.from_public_key(d.public_key), critical=False)  # type: ignore[arg-type]
+    if issuer_cert is not None:
+        try:
+            ski = issuer_cert.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
+            aki = x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ski)
+        except x509.ExtensionNotFound:
+            aki = x509.AuthorityKeyIdentifier.from_issuer_public_key(issuer_cert.public_key())  # type: ignore[arg-type]
+        b = b.add_extension(aki, critical=False)
+    elif p.is_ca:  # self-signed root: AKI equal to its own SKI
+        b = b.add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_public_key(d.public_key),  # type: ignore[arg-type]
+            critical=False,
+        )
+    if p.policies:
+        b = b.add_extension(
+            x509.CertificatePolicies(
+                [x509.PolicyInformation(x509.ObjectIdentifier(o), None) for o in p.policies]
+            ),
+            critical=False,
+        )
+    if d.extra.get("name_constraints") is not None:
+        b = b.add_extension(d.extra["name_constraints"], critical=True)
+    if p.ocsp_no_check:
+        b = b.add_extension(x509.OCSPNoCheck(), critical=False)
+    base = ctx.base_url
+    if base and issuer_cert is not None:
+        b = b.add_extension(
+            x509.AuthorityInformationAccess(
+                [
+                    x509.AccessDescription(
+                        AuthorityInformationAccessOID.OCSP,
+                        x509.UniformResourceIdentifier(f"{base}/ocsp/{ca_name}"),
+                    ),
+                    x509.AccessDescription(
+                        AuthorityInformationAccessOID.CA_ISSUERS,
+                        x509.UniformResourceIdentifier(f"{base}/ca/{ca_name}.crt"),
+                    ),
+                ]
+            ),
+            critical=False,
+        )
+        b = b.add_extension(
+            x509.CRLDistributionPoints(
+                [
+                    x509.DistributionPoint(
+                        full_name=[x509.UniformResourceIdentifier(f"{base}/crl/{ca_name}.crl")],
+                        relative_name=None, reasons=None, crl_issuer=None,
+                    )
+                ]
+            ),
+            critical=False,
+        )
+        if ctx.publishes_deltas and not p.cabf_server_auth:
+            # (the BRs allow no Freshest CRL extension in TLS server certificates)
+            # where delta CRLs are found (RFC 5280 4.2.1.15); validators such as
+            # pyhanko look for deltas only through this extension of the certificate
+            b = b.add_extension(
+                x509.FreshestCRL([
+                    x509.DistributionPoint(
+                        full_name=[x509.UniformResourceIdentifier(
+                            f"{base}/crl/{ca_name}-delta.crl")],
+                        relative_name=None, reasons=None, crl_issuer=None,
+                    )
+                ]),
+                critical=False,
+            )
+    return b
 
 def _prelint(builder: x509.CertificateBuilder, profile: Profile, issuer_key_type: str,
              hash_alg: Any) -> bytes | None:
