@@ -42,14 +42,12 @@ def atomic_write(path: str | Path, data: bytes, mode: int = 0o644, *, durable: b
 
 
 def sync_directory(path: Path) -> None:
-    """Flush the files and renames in a directory written with ``durable=False``."""
-    for child in path.iterdir():
-        if child.is_file():
-            fd = os.open(child, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
+    """Flush the files and renames in a directory written with ``durable=False``.
+
+    One ``sync()`` writes every dirty page out (and waits, on Linux), which for
+    a thousand files is far cheaper than a thousand ``fsync()`` calls.
+    """
+    os.sync()
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
