@@ -145,6 +145,7 @@ class IssuedCertificate:
     chain: tuple[x509.Certificate, ...] = ()
     source: str | None = None
     pem_text: str | None = None
+    summary: dict[str, Any] | None = None  # as_dict() precomputed by the issuer
 
     @property
     def serial(self) -> str:
@@ -155,6 +156,8 @@ class IssuedCertificate:
         return self.pem_text or cert_pem(self.certificate)
 
     def as_dict(self) -> dict[str, Any]:
+        if self.summary is not None:
+            return dict(self.summary)
         c = self.certificate
         return {
             "serial": self.serial,
@@ -220,6 +223,7 @@ class _IssueContext:
     private_key: Any
     hash_alg: Any
     issuer_public: Any
+    issuer_text: str
 
 
 def _ca_from_row(row: dict[str, Any]) -> CaRecord:
@@ -770,7 +774,7 @@ class Authority:
                     if isinstance(item, IssuedCertificate):
                         item = IssuedCertificate(
                             item.certificate, item.ca, item.profile, chain, item.source,
-                            item.pem_text,
+                            item.pem_text, item.summary,
                         )
                     results[i] = item
         if drafts:
@@ -816,6 +820,7 @@ class Authority:
             private_key=as_private_key(issuer_handle),
             hash_alg=signature_hash_for(issuer_key_type),
             issuer_public=issuer_handle.public_key() if check else None,
+            issuer_text=issuer_name.rfc4514_string(),
         )
 
     def _reserve(self, drafts: list[_Draft], ctx: _IssueContext) -> None:
@@ -924,7 +929,14 @@ class Authority:
                     profile=d.profile.name, serial=serial, subject=d.subject_text,
                     csr_sha256=d.csr_sha256, object_sha256=sha, detail=d.source,
                 )
-                issued = IssuedCertificate(cert, ca_name, d.profile.name, (), d.source, pem)
+                summary = {
+                    "serial": serial, "subject": d.subject_text, "issuer": ctx.issuer_text,
+                    "not_before": not_before, "not_after": not_after,
+                    "profile": d.profile.name, "ca": ca_name,
+                    "sans": general_names_as_strings(d.sans),
+                }
+                issued = IssuedCertificate(cert, ca_name, d.profile.name, (), d.source, pem,
+                                           summary)
                 if on_issued is not None:  # rows that must exist iff the certificate does
                     on_issued(issued)
                 results.append(issued)

@@ -178,7 +178,7 @@ def parse_profile(name: str, text: str, source: str) -> Profile:
     policies = _field(cert, "certificate", "policies", source)
     for oid in policies:
         parts = oid.split(".")
-        ok = len(parts) >= 2 and all(p.isascii() and p.isdigit() for p in parts) \
+        ok = len(parts) >= 2 and all(p.isascii() and p.isdigit() and len(p) <= 18 for p in parts) \
             and int(parts[0]) <= 2 and (int(parts[0]) == 2 or int(parts[1]) < 40)
         if not ok:
             raise ProfileInvalid(f"{source}: 'certificate.policies' has a bad OID {oid!r}")
