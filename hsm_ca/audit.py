@@ -40,10 +40,14 @@ FIELDS = (
 )
 
 
+_SORTED_FIELDS = tuple(sorted(FIELDS))
+# one encoder for every record (json.dumps with options builds a new one per call);
+# keys go in sorted order, so the output equals json.dumps(..., sort_keys=True)
+_ENCODER = json.JSONEncoder(separators=(",", ":"), ensure_ascii=True)
+
+
 def _canonical(record: dict[str, Any]) -> bytes:
-    return json.dumps(
-        {k: record.get(k) for k in FIELDS}, sort_keys=True, separators=(",", ":"), ensure_ascii=True
-    ).encode()
+    return _ENCODER.encode({k: record.get(k) for k in _SORTED_FIELDS}).encode()
 
 
 def chain_value(prev: str, record: dict[str, Any]) -> str:

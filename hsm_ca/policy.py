@@ -180,8 +180,12 @@ def _translated(what: str) -> Iterator[None]:
 
 
 def _read(what: str, getter: Callable[[], _T]) -> _T:
-    with _translated(what):
+    # the same translation as _translated, without a generator per call (hot path)
+    try:
         return getter()
+    except _PARSE_ERRORS as e:
+        detail = str(e).strip() or type(e).__name__
+        raise CsrRejected(f"CSR {what} cannot be parsed: {_show(detail, 200)}") from e
 
 
 def _is_control(ch: str) -> bool:
