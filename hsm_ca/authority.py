@@ -209,7 +209,7 @@ class _Draft:
 
 @dataclass(frozen=True)
 class _IssueContext:
-    """Everything signing needs, gathered on the main thread before any worker starts."""
+    """Everything the three issuance steps need, gathered once per batch."""
 
     ca_name: str
     issuer_name: x509.Name
@@ -793,26 +793,11 @@ class Authority:
         new_ca: tuple[str, str | None, str, str] | None,
         on_issued: Callable[[IssuedCertificate], None] | None = None,
     ) -> list[IssuedCertificate | Refusal]:
-        ctx = self._context(ca_name, issuer_name, issuer_handle, issuer_key_type, issuer_cert,
-                            new_ca, on_issued)
-        self._reserve(drafts, ctx)
-        return self._store(drafts, self._sign(drafts, ctx), ctx)
-
-    def _context(
-        self,
-        ca_name: str,
-        issuer_name: x509.Name,
-        issuer_handle: KeyHandle,
-        issuer_key_type: str,
-        issuer_cert: x509.Certificate | None,
-        new_ca: tuple[str, str | None, str, str] | None,
-        on_issued: Callable[[IssuedCertificate], None] | None = None,
-    ) -> _IssueContext:
         # Signatures from a hardware token are checked before they are stored (a faulty HSM
         # must not issue); the built-in engine signs with cryptography in this process, where
         # a check would cost as much as the signature and test cryptography against itself.
         check = not getattr(self._engine, "signatures_trusted", False)
-        return _IssueContext(
+        ctx = _IssueContext(
             ca_name=ca_name, issuer_name=issuer_name, issuer_handle=issuer_handle,
             issuer_key_type=issuer_key_type, issuer_cert=issuer_cert, new_ca=new_ca,
             on_issued=on_issued, base_url=self.config.base_url,
@@ -822,6 +807,8 @@ class Authority:
             issuer_public=issuer_handle.public_key() if check else None,
             issuer_text=issuer_name.rfc4514_string(),
         )
+        self._reserve(drafts, ctx)
+        return self._store(drafts, self._sign(drafts, ctx), ctx)
 
     def _reserve(self, drafts: list[_Draft], ctx: _IssueContext) -> None:
         """Step 1: serials and intent records, durable before the HSM signs anything."""
@@ -841,8 +828,8 @@ class Authority:
                 )
 
     def _sign(self, drafts: list[_Draft], ctx: _IssueContext) -> list[x509.Certificate | HsmCaError]:
-        """Step 2: build and sign through the engine. Touches no database: it may run on a
-        worker thread while the main thread checks and stores other certificates."""
+        """Step 2: build and sign through the engine. Touches no database, so nothing is
+        recorded until step 3 has every result."""
         signed: list[x509.Certificate | HsmCaError] = []
         for d in drafts:
             try:
