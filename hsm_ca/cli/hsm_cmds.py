@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import click
 
 from hsm_ca.cli.base import (
@@ -50,6 +52,14 @@ new_pin_option = click.option(
 )
 
 
+def _done(doc: dict[str, Any], text: str) -> None:
+    """One JSON document with --json, a line of text otherwise."""
+    if state().as_json:
+        emit_json(doc)
+    else:
+        click.echo(text)
+
+
 @click.group()
 def hsm() -> None:
     """The built-in HSM engine: users, backup and restore, replica nodes."""
@@ -83,47 +93,51 @@ def hsm_user_list() -> None:
               default="crypto-user", show_default=True)
 @new_pin_option
 @so_pin_option
+@json_flag
 def hsm_user_add(name: str, role: str, new_pin_file: str | None, so_pin_file: str | None) -> None:
     """Add a user (officer only)."""
     from hsm_ca.hsm_admin import add_user
 
     st = state()
     add_user(st.authority(), _so_pin(so_pin_file), name, role, _new_pin(new_pin_file))
-    click.echo(f"Added {role} {name}")
+    _done({"user": name, "role": role, "added": True}, f"Added {role} {name}")
 
 
 @user.command("remove")
 @click.argument("name")
 @so_pin_option
+@json_flag
 def hsm_user_remove(name: str, so_pin_file: str | None) -> None:
     """Remove a user (officer only)."""
     from hsm_ca.hsm_admin import remove_user
 
     remove_user(state().authority(), _so_pin(so_pin_file), name)
-    click.echo(f"Removed {name}")
+    _done({"user": name, "removed": True}, f"Removed {name}")
 
 
 @user.command("unlock")
 @click.argument("name")
 @so_pin_option
+@json_flag
 def hsm_user_unlock(name: str, so_pin_file: str | None) -> None:
     """Unlock a user locked out by failed logins (officer only)."""
     from hsm_ca.hsm_admin import unlock_user
 
     unlock_user(state().authority(), _so_pin(so_pin_file), name)
-    click.echo(f"Unlocked {name}")
+    _done({"user": name, "unlocked": True}, f"Unlocked {name}")
 
 
 @user.command("change-pin")
 @click.argument("name")
 @new_pin_option
 @so_pin_option
+@json_flag
 def hsm_user_change_pin(name: str, new_pin_file: str | None, so_pin_file: str | None) -> None:
     """Set a user's PIN (officer only); re-wraps one blob, not every key."""
     from hsm_ca.hsm_admin import change_pin
 
     change_pin(state().authority(), _so_pin(so_pin_file), name, _new_pin(new_pin_file))
-    click.echo(f"Changed the PIN of {name}")
+    _done({"user": name, "pin_changed": True}, f"Changed the PIN of {name}")
 
 
 @hsm.command("backup")
@@ -149,6 +163,7 @@ def hsm_backup(output: str, scrypt_n: int | None, so_pin_file: str | None) -> No
 @hsm.command("restore")
 @click.argument("file", type=click.Path(dir_okay=False))
 @so_pin_option
+@json_flag
 def hsm_restore(file: str, so_pin_file: str | None) -> None:
     """Recreate a whole CA home (which must not exist yet) from a backup."""
     from hsm_ca.hsm_admin import restore_into
@@ -156,7 +171,7 @@ def hsm_restore(file: str, so_pin_file: str | None) -> None:
     st = state()
     blob = read_input_file(file, limit=1 << 30)
     restore_into(blob, _so_pin(so_pin_file), st.home).close()
-    click.echo(f"Restored {file} into {st.home}")
+    _done({"restored": file, "home": str(st.home)}, f"Restored {file} into {st.home}")
 
 
 @hsm.group()
