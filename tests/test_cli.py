@@ -389,3 +389,9 @@ def test_no_file_in_the_home_holds_a_private_key(soft_pki: Cli, csr_file: Path) 
         for n in needles:
             assert n not in data, p
         assert b"PRIVATE KEY" not in data, p
+
+
+def test_a_deleted_keystore_is_reported_as_tampering(soft_pki: Cli, csr_file: Path) -> None:
+    (soft_pki.home / "hsm" / "keystore").unlink()
+    r = soft_pki("sign", str(csr_file), "--ca", "issuing", "--profile", "tls-server")
+    assert r.code == 1 and "tamper" in r.err

@@ -249,7 +249,8 @@ class SoftEngine:
             self.node_status = status
             if first_tamper is not None:
                 raise first_tamper
-            raise EngineError(f"no HSM partition at {self.path}")
+            # the home says there is a partition: a keystore that vanished is tampering too
+            raise Tampered(f"HSM keystore missing at {self.path}: deleted or tampered with")
         # Which partition is ours: the configured one, else the primary's, else the newest.
         # A node holding another partition is never read from and never written to.
         wanted = self.partition_id
