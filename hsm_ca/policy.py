@@ -23,7 +23,6 @@ import string
 import unicodedata
 import urllib.parse
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TypeVar
 
@@ -169,18 +168,8 @@ def _show(value: object, limit: int = 80) -> str:
     return repr(value)
 
 
-@contextmanager
-def _translated(what: str) -> Iterator[None]:
-    """Turn cryptography's parse errors on ``what`` into one CsrRejected."""
-    try:
-        yield
-    except _PARSE_ERRORS as e:
-        detail = str(e).strip() or type(e).__name__
-        raise CsrRejected(f"CSR {what} cannot be parsed: {_show(detail, 200)}") from e
-
-
 def _read(what: str, getter: Callable[[], _T]) -> _T:
-    # the same translation as _translated, without a generator per call (hot path)
+    # cryptography's parse errors on ``what`` become one CsrRejected
     try:
         return getter()
     except _PARSE_ERRORS as e:

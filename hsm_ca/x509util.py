@@ -9,7 +9,6 @@ from typing import Any
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 
 def pem_to_der(pem: str) -> bytes:
@@ -33,10 +32,6 @@ def rfc3339(when: _dt.datetime) -> str:
     return when.astimezone(_dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
-def parse_rfc3339(text: str) -> _dt.datetime:
-    return _dt.datetime.strptime(text, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=_dt.UTC)
-
-
 def signature_hash_for(key_type: str) -> hashes.HashAlgorithm | None:
     """The hash a CA key of this type signs with (None: Ed25519 has its own)."""
     return {
@@ -44,14 +39,6 @@ def signature_hash_for(key_type: str) -> hashes.HashAlgorithm | None:
         "ec-p384": hashes.SHA384(),
         "ec-p521": hashes.SHA512(),
     }.get(key_type, None if key_type == "ed25519" else hashes.SHA256())
-
-
-def is_rsa(public_key: object) -> bool:
-    return isinstance(public_key, rsa.RSAPublicKey)
-
-
-def is_ec(public_key: object) -> bool:
-    return isinstance(public_key, ec.EllipticCurvePublicKey)
 
 
 def ski_hex(cert: x509.Certificate) -> str | None:
