@@ -395,3 +395,24 @@ def test_a_deleted_keystore_is_reported_as_tampering(soft_pki: Cli, csr_file: Pa
     (soft_pki.home / "hsm" / "keystore").unlink()
     r = soft_pki("sign", str(csr_file), "--ca", "issuing", "--profile", "tls-server")
     assert r.code == 1 and "tamper" in r.err
+
+
+def test_batch_sign_in_several_processes(pki: Cli, tmp_path: Path) -> None:
+    files = []
+    for i in range(24):
+        p = tmp_path / f"job{i}.csr"
+        p.write_bytes(make_csr(cn=None, dns=[f"job{i}.example.com"]) if i != 17 else b"junk")
+        files.append(str(p))
+    out = tmp_path / "out"
+    r = pki("--json", "sign", *files, "--ca", "issuing", "--profile", "tls-server",
+            "--out-dir", str(out), "--jobs", "3")
+    assert r.code == 1  # one refused, the others issued
+    report = json.loads(r.out)
+    assert len(report) == 24 and [x["source"] for x in report if x.get("refused")] == [files[17]]
+    serials = [x["serial"] for x in report if not x.get("refused")]
+    assert len(set(serials)) == 23
+    for i in range(24):
+        assert (out / f"job{i}.pem").exists() == (i != 17)
+    listed = {c["serial"] for c in json.loads(pki.ok("--json", "list", "--ca", "issuing").out)}
+    assert set(serials) <= listed
+    pki.ok("audit", "verify")
