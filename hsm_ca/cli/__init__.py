@@ -17,20 +17,40 @@ from hsm_ca.cli.base import HsmCaGroup, State
 
 # name -> (module, attribute, one-line help shown by --help without importing the module)
 COMMANDS: dict[str, tuple[str, str, str]] = {
-    "init": ("init_cmds", "init", "Create a CA home and its HSM partition (or bind to a PKCS#11 token)."),
+    "init": (
+        "init_cmds",
+        "init",
+        "Create a CA home and its HSM partition (or bind to a PKCS#11 token).",
+    ),
     "ca": ("ca_cmds", "ca", "Create, list and export certificate authorities."),
     "sign": ("issue_cmds", "sign", "Sign PKCS#10 CSRs (PEM or DER) with a CA under a profile."),
     "list": ("issue_cmds", "list_certs", "List issued certificates."),
     "show": ("issue_cmds", "show", "Show one certificate by serial."),
     "revoke": ("revocation_cmds", "revoke", "Revoke a certificate by serial."),
     "crl": ("revocation_cmds", "crl", "Sign a fresh CRL for a CA with the next CRL number."),
-    "serve": ("revocation_cmds", "serve", "Serve CA certificates, CRLs, OCSP and time stamps over HTTP."),
+    "serve": (
+        "revocation_cmds",
+        "serve",
+        "Serve CA certificates, CRLs, OCSP and time stamps over HTTP.",
+    ),
     "keys": ("keys_cmds", "keys", "Keys held by the HSM engine."),
-    "hsm": ("hsm_cmds", "hsm", "The built-in HSM engine: users, backup and restore, replica nodes."),
+    "hsm": (
+        "hsm_cmds",
+        "hsm",
+        "The built-in HSM engine: users, backup and restore, replica nodes.",
+    ),
     "audit": ("audit_cmds", "audit", "The tamper-evident audit trail."),
-    "codesign": ("codesign_cmds", "codesign", "Sign release artifacts with HSM-held keys; verify signatures."),
+    "codesign": (
+        "codesign_cmds",
+        "codesign",
+        "Sign release artifacts with HSM-held keys; verify signatures.",
+    ),
     "tsa": ("codesign_cmds", "tsa", "The RFC 3161 time-stamping authority (key in the HSM)."),
-    "bootstrap": ("bootstrap_cmds", "bootstrap", "Create a whole PKI from one declarative TOML file."),
+    "bootstrap": (
+        "bootstrap_cmds",
+        "bootstrap",
+        "Create a whole PKI from one declarative TOML file.",
+    ),
 }
 
 
@@ -66,13 +86,23 @@ def _version(ctx: click.Context, _param: click.Parameter, value: bool) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON document instead of text.")
 @click.option("--debug", is_flag=True, help="Show tracebacks on errors.")
 @click.option(
-    "--pin-file", type=click.Path(dir_okay=False), metavar="FILE",
+    "--pin-file",
+    type=click.Path(dir_okay=False),
+    metavar="FILE",
     help="Read the crypto-user PIN from FILE (else $HSM_CA_PIN, else a prompt).",
 )
-@click.option("--version", is_flag=True, expose_value=False, is_eager=True, callback=_version,
-              help="Show the version and exit.")
+@click.option(
+    "--version",
+    is_flag=True,
+    expose_value=False,
+    is_eager=True,
+    callback=_version,
+    help="Show the version and exit.",
+)
 @click.pass_context
-def cli(ctx: click.Context, home: str | None, as_json: bool, debug: bool, pin_file: str | None) -> None:
+def cli(
+    ctx: click.Context, home: str | None, as_json: bool, debug: bool, pin_file: str | None
+) -> None:
     """hsm-ca: a private certificate authority whose keys never leave the HSM engine."""
     ctx.obj = State(home_flag=home, as_json=as_json, debug=debug, pin_file=pin_file)
 

@@ -7,8 +7,8 @@ import click
 from hsm_ca.cli.base import (
     emit_json,
     json_flag,
-    print_table,
     read_input_file,
+    report_rows,
     state,
     translate_os_errors,
     write_output,
@@ -24,27 +24,44 @@ def audit() -> None:
 
 @audit.command("list")
 @json_flag
-@click.option("--since", type=click.IntRange(min=0), default=0, metavar="SEQ",
-              help="Only records after SEQ.")
+@click.option(
+    "--since", type=click.IntRange(min=0), default=0, metavar="SEQ", help="Only records after SEQ."
+)
 def audit_list(since: int) -> None:
     """List audit records."""
     st = state()
     rows = list(st.authority().audit.records(since))
-    if st.as_json:
-        emit_json(rows)
-        return
-    print_table(
+    report_rows(
+        rows,
         ["seq", "time", "user", "action", "outcome", "ca", "serial", "subject / detail"],
-        [[r["seq"], r["time"], f"{r['os_user']}/{r['hsm_user'] or '-'}", r["action"], r["outcome"],
-          r["ca"], r["serial"], r["subject"] or r["detail"]] for r in rows],
+        lambda r: [
+            r["seq"],
+            r["time"],
+            f"{r['os_user']}/{r['hsm_user'] or '-'}",
+            r["action"],
+            r["outcome"],
+            r["ca"],
+            r["serial"],
+            r["subject"] or r["detail"],
+        ],
     )
 
 
 @audit.command("verify")
-@click.option("--trust", "trust_cert", type=click.Path(dir_okay=False), metavar="CERT",
-              help="The audit signer's certificate (from 'audit cert') to check checkpoints with.")
-@click.option("--file", "export_file", type=click.Path(dir_okay=False), metavar="EXPORT",
-              help="Verify an exported trail (JSON Lines) offline; needs --trust.")
+@click.option(
+    "--trust",
+    "trust_cert",
+    type=click.Path(dir_okay=False),
+    metavar="CERT",
+    help="The audit signer's certificate (from 'audit cert') to check checkpoints with.",
+)
+@click.option(
+    "--file",
+    "export_file",
+    type=click.Path(dir_okay=False),
+    metavar="EXPORT",
+    help="Verify an exported trail (JSON Lines) offline; needs --trust.",
+)
 @json_flag
 def audit_verify(trust_cert: str | None, export_file: str | None) -> None:
     """Check the whole trail and its signed checkpoints; exit 1 naming the first bad record."""
@@ -64,7 +81,10 @@ def audit_verify(trust_cert: str | None, export_file: str | None) -> None:
 
         if trust_key is None:
             raise UsageError("--file needs --trust CERT (the audit signer's certificate)")
-        with translate_os_errors(f"cannot read {export_file}"), open(export_file, encoding="utf-8") as fh:
+        with (
+            translate_os_errors(f"cannot read {export_file}"),
+            open(export_file, encoding="utf-8") as fh,
+        ):
             report = verify_export(fh, trust_key)
     else:
         report = st.authority().audit.verify(trust_key)
@@ -109,8 +129,11 @@ def audit_cert(output: str | None, pin_file: str | None) -> None:
 
 @audit.command("export")
 @click.option("-o", "--output", type=click.Path(dir_okay=False), metavar="FILE")
-@click.option("--no-checkpoint", is_flag=True,
-              help="Do not sign a checkpoint first (the export then cannot be verified to its end).")
+@click.option(
+    "--no-checkpoint",
+    is_flag=True,
+    help="Do not sign a checkpoint first (the export then cannot be verified to its end).",
+)
 @pin_file_option
 def audit_export(output: str | None, no_checkpoint: bool, pin_file: str | None) -> None:
     """Write the trail as JSON Lines, one record a line, ending with a signed checkpoint."""

@@ -19,8 +19,9 @@ if TYPE_CHECKING:
 class State:
     """Global options, plus the opened authority (closed when the command ends)."""
 
-    def __init__(self, home_flag: str | None, as_json: bool, debug: bool,
-                 pin_file: str | None) -> None:
+    def __init__(
+        self, home_flag: str | None, as_json: bool, debug: bool, pin_file: str | None
+    ) -> None:
         self.home_flag = home_flag
         self.as_json = as_json
         self.debug = debug
@@ -68,7 +69,9 @@ class State:
             return
         from hsm_ca import prelogin
 
-        prelogin.start(self.home / HSM_DIR, os.environ.get(USER_ENV) or cfg.user, os.environ[PIN_ENV])
+        prelogin.start(
+            self.home / HSM_DIR, os.environ.get(USER_ENV) or cfg.user, os.environ[PIN_ENV]
+        )
 
     def authority(self, pin_file: str | None = None) -> Authority:
         if self._authority is None:
@@ -134,8 +137,13 @@ def json_flag(f: Any) -> Any:
         return value
 
     return click.option(
-        "--json", "_json", is_flag=True, expose_value=False, callback=set_json,
-        is_eager=True, help="Print one JSON document instead of text.",
+        "--json",
+        "_json",
+        is_flag=True,
+        expose_value=False,
+        callback=set_json,
+        is_eager=True,
+        help="Print one JSON document instead of text.",
     )(f)
 
 
@@ -147,6 +155,14 @@ def emit_json(obj: Any) -> None:
     import json
 
     click.echo(json.dumps(obj, indent=2, sort_keys=False, default=str))
+
+
+def report_rows(rows: list[Any], headers: list[str], cells: Any) -> None:
+    """A listing: the rows as one JSON array with --json, else a table of ``cells(row)``."""
+    if state().as_json:
+        emit_json(rows)
+    else:
+        print_table(headers, [cells(r) for r in rows])
 
 
 def print_table(columns: list[str], rows: list[list[Any]], title: str | None = None) -> None:

@@ -7,7 +7,7 @@ import click
 from hsm_ca.cli.base import (
     emit_json,
     json_flag,
-    print_table,
+    report_rows,
     state,
     translate_os_errors,
     write_output,
@@ -27,26 +27,40 @@ def _ca_created(record: object) -> None:
     if st.as_json:
         emit_json(d)
     else:
-        click.echo(f"Created CA {d['name']}: {d['subject']} (serial {d['serial']}, "
-                   f"{d['key_type']}, valid until {d['not_after']})")
+        click.echo(
+            f"Created CA {d['name']}: {d['subject']} (serial {d['serial']}, "
+            f"{d['key_type']}, valid until {d['not_after']})"
+        )
 
 
 @ca.command("create-root")
 @json_flag
 @click.argument("name")
-@click.option("--subject", required=True, metavar="DN", help="e.g. 'CN=Example Root CA,O=Example,C=NL'")
+@click.option(
+    "--subject", required=True, metavar="DN", help="e.g. 'CN=Example Root CA,O=Example,C=NL'"
+)
 @click.option("--key-type", type=KEY_TYPE_CHOICE, default="ec-p384", show_default=True)
-@click.option("--days", type=click.IntRange(min=1), default=None, help="Validity (profile default otherwise).")
+@click.option(
+    "--days", type=click.IntRange(min=1), default=None, help="Validity (profile default otherwise)."
+)
 @click.option("--path-length", type=click.IntRange(min=0), default=None)
 @pin_file_option
-def create_root(name: str, subject: str, key_type: str, days: int | None,
-                path_length: int | None, pin_file: str | None) -> None:
+def create_root(
+    name: str,
+    subject: str,
+    key_type: str,
+    days: int | None,
+    path_length: int | None,
+    pin_file: str | None,
+) -> None:
     """Create a self-signed root CA whose key is generated inside the HSM."""
     from hsm_ca.policy import parse_dn
 
     dn = parse_dn(subject)
-    record = state().authority(pin_file).create_root(
-        name, dn, key_type=key_type, days=days, path_length=path_length
+    record = (
+        state()
+        .authority(pin_file)
+        .create_root(name, dn, key_type=key_type, days=days, path_length=path_length)
     )
     _ca_created(record)
 
@@ -60,14 +74,25 @@ def create_root(name: str, subject: str, key_type: str, days: int | None,
 @click.option("--days", type=click.IntRange(min=1), default=None)
 @click.option("--path-length", type=click.IntRange(min=0), default=None)
 @pin_file_option
-def create_intermediate(name: str, parent: str, subject: str, key_type: str, days: int | None,
-                        path_length: int | None, pin_file: str | None) -> None:
+def create_intermediate(
+    name: str,
+    parent: str,
+    subject: str,
+    key_type: str,
+    days: int | None,
+    path_length: int | None,
+    pin_file: str | None,
+) -> None:
     """Create an intermediate CA certified by PARENT."""
     from hsm_ca.policy import parse_dn
 
     dn = parse_dn(subject)
-    record = state().authority(pin_file).create_intermediate(
-        name, parent, dn, key_type=key_type, days=days, path_length=path_length
+    record = (
+        state()
+        .authority(pin_file)
+        .create_intermediate(
+            name, parent, dn, key_type=key_type, days=days, path_length=path_length
+        )
     )
     _ca_created(record)
 
@@ -78,13 +103,17 @@ def ca_list() -> None:
     """List the CAs of this home."""
     st = state()
     records = [r.as_dict() for r in st.authority().list_cas()]
-    if st.as_json:
-        emit_json(records)
-        return
-    print_table(
+    report_rows(
+        records,
         ["name", "parent", "subject", "key type", "serial", "not after"],
-        [[r["name"], r["parent"] or "-", r["subject"], r["key_type"], r["serial"], r["not_after"]]
-         for r in records],
+        lambda r: [
+            r["name"],
+            r["parent"] or "-",
+            r["subject"],
+            r["key_type"],
+            r["serial"],
+            r["not_after"],
+        ],
     )
 
 
@@ -111,14 +140,19 @@ def ca_export(name: str, chain: bool, output: str | None) -> None:
 
 @ca.command("ocsp-responder")
 @click.argument("name")
-@click.option("--key-type", type=KEY_TYPE_CHOICE, default=None,
-              help="Responder key type (default: the CA's, ec-p256 for Ed25519 CAs).")
+@click.option(
+    "--key-type",
+    type=KEY_TYPE_CHOICE,
+    default=None,
+    help="Responder key type (default: the CA's, ec-p256 for Ed25519 CAs).",
+)
 @click.option("--days", type=click.IntRange(min=1), default=None)
 @click.option("-o", "--output", type=click.Path(dir_okay=False), metavar="FILE")
 @pin_file_option
 @json_flag
-def ca_ocsp_responder(name: str, key_type: str | None, days: int | None, output: str | None,
-                      pin_file: str | None) -> None:
+def ca_ocsp_responder(
+    name: str, key_type: str | None, days: int | None, output: str | None, pin_file: str | None
+) -> None:
     """Issue (or renew) CA NAME's delegated OCSP responder certificate (key in the HSM)."""
     st = state()
     issued = st.authority(pin_file).create_ocsp_responder(name, key_type=key_type, days=days)
@@ -129,5 +163,6 @@ def ca_ocsp_responder(name: str, key_type: str | None, days: int | None, output:
     if st.as_json:
         emit_json(info)
     else:
-        click.echo(f"OCSP responder for {name}: serial {info['serial']}, valid until "
-                   f"{info['not_after']}")
+        click.echo(
+            f"OCSP responder for {name}: serial {info['serial']}, valid until {info['not_after']}"
+        )

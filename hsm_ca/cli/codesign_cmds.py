@@ -7,8 +7,8 @@ import click
 from hsm_ca.cli.base import (
     emit_json,
     json_flag,
-    print_table,
     read_input_file,
+    report_rows,
     state,
     translate_os_errors,
     write_output,
@@ -30,20 +30,24 @@ def codesign() -> None:
 @click.option("--days", type=click.IntRange(min=1), default=None)
 @pin_file_option
 @json_flag
-def codesign_new_signer(label: str, ca_name: str, subject: str, key_type: str, days: int | None,
-                        pin_file: str | None) -> None:
+def codesign_new_signer(
+    label: str, ca_name: str, subject: str, key_type: str, days: int | None, pin_file: str | None
+) -> None:
     """Generate a signer key in the HSM and issue it a code-signing certificate."""
     from hsm_ca.codesign import new_signer
     from hsm_ca.policy import parse_dn
 
     st = state()
-    info = new_signer(st.authority(pin_file), label, ca_name, parse_dn(subject),
-                      key_type=key_type, days=days)
+    info = new_signer(
+        st.authority(pin_file), label, ca_name, parse_dn(subject), key_type=key_type, days=days
+    )
     if st.as_json:
         emit_json(info)
     else:
-        click.echo(f"Signer {label}: {info['subject']} (serial {info['serial']}, "
-                   f"valid until {info['not_after']})")
+        click.echo(
+            f"Signer {label}: {info['subject']} (serial {info['serial']}, "
+            f"valid until {info['not_after']})"
+        )
 
 
 @codesign.command("list")
@@ -54,24 +58,33 @@ def codesign_list() -> None:
 
     st = state()
     rows = list_signers(st.authority())
-    if st.as_json:
-        emit_json(rows)
-        return
-    print_table(["label", "ca", "subject", "serial", "not after", "status"],
-                [[r["label"], r["ca"], r["subject"], r["serial"], r["not_after"], r["status"]]
-                 for r in rows])
+    report_rows(
+        rows,
+        ["label", "ca", "subject", "serial", "not after", "status"],
+        lambda r: [r["label"], r["ca"], r["subject"], r["serial"], r["not_after"], r["status"]],
+    )
 
 
 @codesign.command("sign")
 @click.argument("files", nargs=-1, required=True, metavar="FILE...")
 @click.option("--signer", "signer_label", required=True, metavar="LABEL")
 @click.option("--timestamp", is_flag=True, help="Add an RFC 3161 signature time stamp.")
-@click.option("-o", "--output", type=click.Path(dir_okay=False), metavar="SIGFILE",
-              help="Signature file (default FILE.p7s; one FILE only).")
+@click.option(
+    "-o",
+    "--output",
+    type=click.Path(dir_okay=False),
+    metavar="SIGFILE",
+    help="Signature file (default FILE.p7s; one FILE only).",
+)
 @pin_file_option
 @json_flag
-def codesign_sign(files: tuple[str, ...], signer_label: str, timestamp: bool, output: str | None,
-                  pin_file: str | None) -> None:
+def codesign_sign(
+    files: tuple[str, ...],
+    signer_label: str,
+    timestamp: bool,
+    output: str | None,
+    pin_file: str | None,
+) -> None:
     """Write a detached CMS signature (DER) for each FILE."""
     import os
 
@@ -88,15 +101,23 @@ def codesign_sign(files: tuple[str, ...], signer_label: str, timestamp: bool, ou
 
         with Progress(transient=True, console=_stderr_console()) as progress:
             task = progress.add_task("signing", total=total)
-            results = sign_files(auth, files, signer_label, timestamp=timestamp, output=output,
-                                 progress=lambda n: progress.advance(task, n))
+            results = sign_files(
+                auth,
+                files,
+                signer_label,
+                timestamp=timestamp,
+                output=output,
+                progress=lambda n: progress.advance(task, n),
+            )
     else:
         results = sign_files(auth, files, signer_label, timestamp=timestamp, output=output)
     if st.as_json:
         emit_json([r.as_dict() for r in results] if len(files) > 1 else results[0].as_dict())
         return
     for r in results:
-        click.echo(f"Signed {r.file} -> {r.signature_file}" + (" (time-stamped)" if r.timestamped else ""))
+        click.echo(
+            f"Signed {r.file} -> {r.signature_file}" + (" (time-stamped)" if r.timestamped else "")
+        )
 
 
 def _stderr_console() -> object:
@@ -108,15 +129,33 @@ def _stderr_console() -> object:
 @codesign.command("verify")
 @click.argument("file", type=click.Path(dir_okay=False))
 @click.argument("sigfile", type=click.Path(dir_okay=False))
-@click.option("--trust", "trust_pem", required=True, type=click.Path(dir_okay=False),
-              metavar="ROOT_PEM", help="Trusted root certificate(s), PEM.")
-@click.option("--crl", "crl_files", multiple=True, type=click.Path(dir_okay=False), metavar="FILE",
-              help="CRL (PEM or DER) to check revocation; repeat for each CA.")
-@click.option("--at", "at_time", type=click.DateTime(["%Y-%m-%dT%H:%M:%SZ", "%Y-%m-%d"]),
-              default=None, help="Verify as of this UTC time instead of now.")
+@click.option(
+    "--trust",
+    "trust_pem",
+    required=True,
+    type=click.Path(dir_okay=False),
+    metavar="ROOT_PEM",
+    help="Trusted root certificate(s), PEM.",
+)
+@click.option(
+    "--crl",
+    "crl_files",
+    multiple=True,
+    type=click.Path(dir_okay=False),
+    metavar="FILE",
+    help="CRL (PEM or DER) to check revocation; repeat for each CA.",
+)
+@click.option(
+    "--at",
+    "at_time",
+    type=click.DateTime(["%Y-%m-%dT%H:%M:%SZ", "%Y-%m-%d"]),
+    default=None,
+    help="Verify as of this UTC time instead of now.",
+)
 @json_flag
-def codesign_verify(file: str, sigfile: str, trust_pem: str, crl_files: tuple[str, ...],
-                    at_time: object) -> None:
+def codesign_verify(
+    file: str, sigfile: str, trust_pem: str, crl_files: tuple[str, ...], at_time: object
+) -> None:
     """Verify a detached signature; exit 0 if valid, 1 with the reason if not."""
     import datetime as dt
 
@@ -133,8 +172,11 @@ def codesign_verify(file: str, sigfile: str, trust_pem: str, crl_files: tuple[st
     for f in crl_files:
         data = read_input_file(f, limit=256 << 20)
         try:
-            crls.append(x509.load_pem_x509_crl(data) if data.lstrip().startswith(b"-----")
-                        else x509.load_der_x509_crl(data))
+            crls.append(
+                x509.load_pem_x509_crl(data)
+                if data.lstrip().startswith(b"-----")
+                else x509.load_der_x509_crl(data)
+            )
         except ValueError as e:
             raise UsageError(f"{f} is not a CRL") from e
     at = at_time.replace(tzinfo=dt.UTC) if isinstance(at_time, dt.datetime) else None
@@ -142,8 +184,10 @@ def codesign_verify(file: str, sigfile: str, trust_pem: str, crl_files: tuple[st
     if state().as_json:
         emit_json(verdict.as_dict())
     elif verdict.ok:
-        click.echo(f"Valid signature by {verdict.signer}"
-                   + (f", time-stamped {verdict.timestamp}" if verdict.timestamp else ""))
+        click.echo(
+            f"Valid signature by {verdict.signer}"
+            + (f", time-stamped {verdict.timestamp}" if verdict.timestamp else "")
+        )
     if not verdict.ok:
         click.echo(f"Error: invalid signature: {verdict.reason}", err=True)
         raise click.exceptions.Exit(1)
@@ -162,21 +206,29 @@ def tsa() -> None:
 @click.option("--days", type=click.IntRange(min=1), default=None)
 @pin_file_option
 @json_flag
-def tsa_create(ca_name: str, subject: str | None, key_type: str | None, days: int | None,
-               pin_file: str | None) -> None:
+def tsa_create(
+    ca_name: str, subject: str | None, key_type: str | None, days: int | None, pin_file: str | None
+) -> None:
     """Create the time-stamping authority: key in the HSM, timestamping certificate."""
     from hsm_ca.policy import parse_dn
     from hsm_ca.tsa import create_tsa
 
     st = state()
-    row = create_tsa(st.authority(pin_file), ca_name,
-                     subject=parse_dn(subject) if subject else None, key_type=key_type, days=days)
+    row = create_tsa(
+        st.authority(pin_file),
+        ca_name,
+        subject=parse_dn(subject) if subject else None,
+        key_type=key_type,
+        days=days,
+    )
     info = {k: row[k] for k in ("name", "ca", "key_label", "serial", "policy")}
     if st.as_json:
         emit_json(info)
     else:
-        click.echo(f"Time-stamping authority under CA {ca_name}: serial {row['serial']}, "
-                   f"policy {row['policy']}")
+        click.echo(
+            f"Time-stamping authority under CA {ca_name}: serial {row['serial']}, "
+            f"policy {row['policy']}"
+        )
 
 
 @tsa.command("export")

@@ -9,8 +9,8 @@ import click
 from hsm_ca.cli.base import (
     emit_json,
     json_flag,
-    print_table,
     read_input_file,
+    report_rows,
     state,
     translate_os_errors,
 )
@@ -18,7 +18,9 @@ from hsm_ca.cli.options import Path
 
 # ---------------------------------------------------------------------- HSM
 so_pin_option = click.option(
-    "--so-pin-file", type=click.Path(dir_okay=False), metavar="FILE",
+    "--so-pin-file",
+    type=click.Path(dir_okay=False),
+    metavar="FILE",
     help="Read the crypto-officer PIN from FILE (else $HSM_CA_SO_PIN, else a prompt).",
 )
 
@@ -26,8 +28,11 @@ so_pin_option = click.option(
 def _so_pin(so_pin_file: str | None) -> str:
     from hsm_ca.config import pin_source
 
-    return pin_source("officer", Path(so_pin_file) if so_pin_file else None,
-                      prompt=lambda label: click.prompt(label, hide_input=True, err=True))()
+    return pin_source(
+        "officer",
+        Path(so_pin_file) if so_pin_file else None,
+        prompt=lambda label: click.prompt(label, hide_input=True, err=True),
+    )()
 
 
 def _new_pin(new_pin_file: str | None) -> str:
@@ -43,11 +48,15 @@ def _new_pin(new_pin_file: str | None) -> str:
         return os.environ["HSM_CA_NEW_PIN"]
     if sys.stdin is not None and sys.stdin.isatty():
         return str(click.prompt("new PIN", hide_input=True, confirmation_prompt=True, err=True))
-    raise ConfigError("no new PIN: set $HSM_CA_NEW_PIN, pass --new-pin-file FILE, or run on a terminal")
+    raise ConfigError(
+        "no new PIN: set $HSM_CA_NEW_PIN, pass --new-pin-file FILE, or run on a terminal"
+    )
 
 
 new_pin_option = click.option(
-    "--new-pin-file", type=click.Path(dir_okay=False), metavar="FILE",
+    "--new-pin-file",
+    type=click.Path(dir_okay=False),
+    metavar="FILE",
     help="Read the new user's PIN from FILE (else $HSM_CA_NEW_PIN, else a prompt).",
 )
 
@@ -77,20 +86,25 @@ def hsm_user_list() -> None:
     from hsm_ca.hsm_admin import list_users
 
     st = state()
-    users = [{"name": u.name, "role": u.role.value, "failed_logins": u.failed_logins,
-              "locked": u.locked} for u in list_users(st.authority())]
-    if st.as_json:
-        emit_json(users)
-        return
-    print_table(["name", "role", "failed logins", "locked"],
-                [[u["name"], u["role"], u["failed_logins"], "yes" if u["locked"] else "no"]
-                 for u in users])
+    users = [
+        {"name": u.name, "role": u.role.value, "failed_logins": u.failed_logins, "locked": u.locked}
+        for u in list_users(st.authority())
+    ]
+    report_rows(
+        users,
+        ["name", "role", "failed logins", "locked"],
+        lambda u: [u["name"], u["role"], u["failed_logins"], "yes" if u["locked"] else "no"],
+    )
 
 
 @user.command("add")
 @click.argument("name")
-@click.option("--role", type=click.Choice(["crypto-user", "auditor", "crypto-officer"]),
-              default="crypto-user", show_default=True)
+@click.option(
+    "--role",
+    type=click.Choice(["crypto-user", "auditor", "crypto-officer"]),
+    default="crypto-user",
+    show_default=True,
+)
 @new_pin_option
 @so_pin_option
 @json_flag
@@ -142,8 +156,13 @@ def hsm_user_change_pin(name: str, new_pin_file: str | None, so_pin_file: str | 
 
 @hsm.command("backup")
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), metavar="FILE")
-@click.option("--scrypt-n", type=int, default=None, metavar="N",
-              help="scrypt cost of the backup key (default 65536).")
+@click.option(
+    "--scrypt-n",
+    type=int,
+    default=None,
+    metavar="N",
+    help="scrypt cost of the backup key (default 65536).",
+)
 @so_pin_option
 @json_flag
 def hsm_backup(output: str, scrypt_n: int | None, so_pin_file: str | None) -> None:
@@ -152,8 +171,9 @@ def hsm_backup(output: str, scrypt_n: int | None, so_pin_file: str | None) -> No
 
     st = state()
     with translate_os_errors(f"cannot write {output}"):
-        info = backup(st.authority(), _so_pin(so_pin_file), Path(output),
-                      scrypt_n=scrypt_n or BACKUP_SCRYPT_N)
+        info = backup(
+            st.authority(), _so_pin(so_pin_file), Path(output), scrypt_n=scrypt_n or BACKUP_SCRYPT_N
+        )
     if st.as_json:
         emit_json(info)
     else:
@@ -192,8 +212,10 @@ def hsm_node_add(path: str, so_pin_file: str | None) -> None:
     if st.as_json:
         emit_json(nodes)
     else:
-        click.echo(f"Node {path} added; {sum(1 for n in nodes if n['health'] == 'ok')} of "
-                   f"{len(nodes)} nodes healthy")
+        click.echo(
+            f"Node {path} added; {sum(1 for n in nodes if n['health'] == 'ok')} of "
+            f"{len(nodes)} nodes healthy"
+        )
 
 
 @node.command("list")
@@ -204,8 +226,8 @@ def hsm_node_list() -> None:
 
     st = state()
     nodes = list_nodes(st.authority())
-    if st.as_json:
-        emit_json(nodes)
-        return
-    print_table(["path", "health", "generation", "detail"],
-                [[n["path"], n["health"], n["generation"], n["detail"]] for n in nodes])
+    report_rows(
+        nodes,
+        ["path", "health", "generation", "detail"],
+        lambda n: [n["path"], n["health"], n["generation"], n["detail"]],
+    )

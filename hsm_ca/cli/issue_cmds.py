@@ -11,8 +11,8 @@ import click
 from hsm_ca.cli.base import (
     emit_json,
     json_flag,
-    print_table,
     read_input_file,
+    report_rows,
     state,
     translate_os_errors,
     write_output,
@@ -30,13 +30,31 @@ from hsm_ca.fileio import atomic_write, sync_directory
 @click.option("--days", type=click.IntRange(min=1), default=None)
 @click.option("--chain", is_flag=True, help="Append the issuing CA chain (root excluded).")
 @click.option("-o", "--output", type=click.Path(dir_okay=False), metavar="FILE")
-@click.option("--out-dir", type=click.Path(file_okay=False), metavar="DIR",
-              help="With several CSRs: write <csr stem>.pem for each into DIR.")
-@click.option("--jobs", type=click.IntRange(min=1, max=64), default=None, metavar="N",
-              help="With --out-dir: sign in N processes (default: one per core for 400+ CSRs).")
+@click.option(
+    "--out-dir",
+    type=click.Path(file_okay=False),
+    metavar="DIR",
+    help="With several CSRs: write <csr stem>.pem for each into DIR.",
+)
+@click.option(
+    "--jobs",
+    type=click.IntRange(min=1, max=64),
+    default=None,
+    metavar="N",
+    help="With --out-dir: sign in N processes (default: one per core for 400+ CSRs).",
+)
 @pin_file_option
-def sign(csr_files: tuple[str, ...], ca_name: str, profile: str, days: int | None, chain: bool,
-         output: str | None, out_dir: str | None, jobs: int | None, pin_file: str | None) -> None:
+def sign(
+    csr_files: tuple[str, ...],
+    ca_name: str,
+    profile: str,
+    days: int | None,
+    chain: bool,
+    output: str | None,
+    out_dir: str | None,
+    jobs: int | None,
+    pin_file: str | None,
+) -> None:
     """Sign PKCS#10 CSRs (PEM or DER) with a CA under a profile."""
     from hsm_ca.authority import IssuedCertificate
     from hsm_ca.errors import HsmCaError, UsageError
@@ -54,7 +72,9 @@ def sign(csr_files: tuple[str, ...], ca_name: str, profile: str, days: int | Non
         stems = Counter(Path(f).stem for f in csr_files)
         dupes = sorted(s for s, n in stems.items() if n > 1)
         if dupes:
-            raise UsageError(f"several CSR files share the name {dupes[0]!r}; --out-dir needs unique stems")
+            raise UsageError(
+                f"several CSR files share the name {dupes[0]!r}; --out-dir needs unique stems"
+            )
         if not Path(out_dir).is_dir():
             with translate_os_errors(f"cannot create {out_dir}"):
                 Path(out_dir).mkdir(parents=True, exist_ok=True)
@@ -63,8 +83,9 @@ def sign(csr_files: tuple[str, ...], ca_name: str, profile: str, days: int | Non
     if out_dir:
         jobs = jobs or (min(os.cpu_count() or 1, 4) if len(csr_files) >= 400 else 1)
         if jobs > 1 and len(csr_files) >= 2 * jobs:
-            csr_files, helpers = _start_helpers(st, auth, pin_file, csr_files, jobs, ca_name,
-                                                profile, days, chain, out_dir)
+            csr_files, helpers = _start_helpers(
+                st, auth, pin_file, csr_files, jobs, ca_name, profile, days, chain, out_dir
+            )
     inputs: list[tuple[str, bytes]] = []
     unreadable: list[tuple[str, HsmCaError]] = []
     for f in csr_files:
@@ -92,8 +113,10 @@ def sign(csr_files: tuple[str, ...], ca_name: str, profile: str, days: int | Non
         else:
             if not output:
                 click.echo(pem, nl=False)
-            msg = f"Issued {info['serial']} to {info['subject'] or '(empty subject)'} " \
-                  f"(profile {profile}, CA {ca_name}, valid until {info['not_after']})"
+            msg = (
+                f"Issued {info['serial']} to {info['subject'] or '(empty subject)'} "
+                f"(profile {profile}, CA {ca_name}, valid until {info['not_after']})"
+            )
             click.echo(msg + (f" -> {output}" if output else ""), err=not output)
         return
     report = []
@@ -142,12 +165,10 @@ def list_certs(ca_name: str | None, revoked: bool) -> None:
     """List issued certificates."""
     st = state()
     rows = st.authority().list_certificates(ca_name, revoked)
-    if st.as_json:
-        emit_json(rows)
-        return
-    print_table(
+    report_rows(
+        rows,
         ["serial", "ca", "profile", "subject (or first SAN)", "not after", "status"],
-        [[r["serial"], r["ca"], r["profile"], r["name"], r["not_after"], r["status"]] for r in rows],
+        lambda r: [r["serial"], r["ca"], r["profile"], r["name"], r["not_after"], r["status"]],
     )
 
 
@@ -161,8 +182,20 @@ def show(serial: str) -> None:
     if st.as_json:
         emit_json(info)
         return
-    for key in ("serial", "subject", "issuer", "ca", "profile", "key_type", "not_before",
-                "not_after", "status", "revoked_at", "revocation_reason", "sha256"):
+    for key in (
+        "serial",
+        "subject",
+        "issuer",
+        "ca",
+        "profile",
+        "key_type",
+        "not_before",
+        "not_after",
+        "status",
+        "revoked_at",
+        "revocation_reason",
+        "sha256",
+    ):
         if info.get(key) is not None:
             click.echo(f"{key:>18}: {info[key]}")
     click.echo(f"{'sans':>18}: {', '.join(info['sans']) or '-'}")
@@ -170,9 +203,18 @@ def show(serial: str) -> None:
     click.echo(info["pem"], nl=False)
 
 
-def _start_helpers(st: Any, auth: Any, pin_file: str | None, files: tuple[str, ...], jobs: int,
-                   ca_name: str, profile: str, days: int | None, chain: bool,
-                   out_dir: str) -> tuple[tuple[str, ...], list[Any]]:
+def _start_helpers(
+    st: Any,
+    auth: Any,
+    pin_file: str | None,
+    files: tuple[str, ...],
+    jobs: int,
+    ca_name: str,
+    profile: str,
+    days: int | None,
+    chain: bool,
+    out_dir: str,
+) -> tuple[tuple[str, ...], list[Any]]:
     """Start jobs-1 helper processes on shares of the CSRs; returns this process's share.
 
     Processes, not threads: signing holds the GIL. Each helper logs in itself
@@ -190,17 +232,40 @@ def _start_helpers(st: Any, auth: Any, pin_file: str | None, files: tuple[str, .
     per = -(-len(rest) // (jobs - 1))
     helpers = []
     for i in range(jobs - 1):
-        part = rest[i * per:(i + 1) * per]
+        part = rest[i * per : (i + 1) * per]
         if not part:
             continue
-        cmd = [sys.executable, "-m", "hsm_ca", "--home", str(st.home), "--json", "sign", *part,
-               "--ca", ca_name, "--profile", profile, "--out-dir", out_dir, "--jobs", "1"]
+        cmd = [
+            sys.executable,
+            "-m",
+            "hsm_ca",
+            "--home",
+            str(st.home),
+            "--json",
+            "sign",
+            *part,
+            "--ca",
+            ca_name,
+            "--profile",
+            profile,
+            "--out-dir",
+            out_dir,
+            "--jobs",
+            "1",
+        ]
         if days is not None:
             cmd += ["--days", str(days)]
         if chain:
             cmd.append("--chain")
-        helpers.append(subprocess.Popen(cmd, env=env, stdin=subprocess.DEVNULL,
-                                        stdout=subprocess.PIPE, stderr=subprocess.PIPE))
+        helpers.append(
+            subprocess.Popen(
+                cmd,
+                env=env,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+            )
+        )
     return files[:own], helpers
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from hsm_ca.cli.base import emit_json, json_flag, print_table, state
+from hsm_ca.cli.base import json_flag, report_rows, state
 from hsm_ca.cli.options import pin_file_option
 
 
@@ -21,11 +21,13 @@ def keys_list(pin_file: str | None) -> None:
     """List key labels, types, extractability and what uses them."""
     st = state()
     rows = st.authority(pin_file).list_keys()
-    if st.as_json:
-        emit_json(rows)
-        return
-    print_table(
+    report_rows(
+        rows,
         ["label", "key type", "extractable", "used by"],
-        [[r["label"], r["key_type"], "yes" if r["extractable"] else "no", r["used_by"] or "-"]
-         for r in rows],
+        lambda r: [
+            r["label"],
+            r["key_type"],
+            "yes" if r["extractable"] else "no",
+            r["used_by"] or "-",
+        ],
     )

@@ -17,6 +17,8 @@ KEY_TYPE_CHOICE = click.Choice(
     ["ec-p256", "ec-p384", "ec-p521", "rsa-2048", "rsa-3072", "rsa-4096", "ed25519"]
 )
 pin_file_option = click.option(
-    "--pin-file", type=click.Path(dir_okay=False), metavar="FILE",
+    "--pin-file",
+    type=click.Path(dir_okay=False),
+    metavar="FILE",
     help="Read the crypto-user PIN from FILE (else $HSM_CA_PIN, else a prompt).",
 )

@@ -8,17 +8,30 @@ from hsm_ca.cli.base import emit_json, json_flag, state, translate_os_errors, wr
 from hsm_ca.cli.options import pin_file_option
 
 # -------------------------------------------------------------- revocation
-REASON_CHOICE = click.Choice([
-    "unspecified", "keyCompromise", "cACompromise", "affiliationChanged", "superseded",
-    "cessationOfOperation", "certificateHold", "privilegeWithdrawn", "aACompromise",
-])
+REASON_CHOICE = click.Choice(
+    [
+        "unspecified",
+        "keyCompromise",
+        "cACompromise",
+        "affiliationChanged",
+        "superseded",
+        "cessationOfOperation",
+        "certificateHold",
+        "privilegeWithdrawn",
+        "aACompromise",
+    ]
+)
 
 
 @click.command()
 @click.argument("serial")
 @click.option("--reason", type=REASON_CHOICE, default="unspecified", show_default=True)
-@click.option("--invalidity-date", type=click.DateTime(["%Y-%m-%dT%H:%M:%SZ", "%Y-%m-%d"]),
-              default=None, help="When the key is known or suspected to have been compromised (UTC).")
+@click.option(
+    "--invalidity-date",
+    type=click.DateTime(["%Y-%m-%dT%H:%M:%SZ", "%Y-%m-%d"]),
+    default=None,
+    help="When the key is known or suspected to have been compromised (UTC).",
+)
 @json_flag
 def revoke(serial: str, reason: str, invalidity_date: object) -> None:
     """Revoke a certificate by serial."""
@@ -62,16 +75,23 @@ def crl(name: str, der: bool, delta: bool, output: str | None, pin_file: str | N
             sys.stdout.buffer.flush()
         else:
             click.echo(data.decode("ascii"), nl=False)
-    click.echo(f"CRL {result.number} of {name}: {result.entries} entries"
-               + (f" (delta on {result.delta_base})" if delta else "")
-               + (f" -> {output}" if output else ""), err=not output)
+    click.echo(
+        f"CRL {result.number} of {name}: {result.entries} entries"
+        + (f" (delta on {result.delta_base})" if delta else "")
+        + (f" -> {output}" if output else ""),
+        err=not output,
+    )
 
 
 @click.command()
 @click.option("--host", default="127.0.0.1", show_default=True)
 @click.option("--port", type=click.IntRange(0, 65535), default=8080, show_default=True)
-@click.option("--log-level", type=click.Choice(["critical", "error", "warning", "info", "debug"]),
-              default="info", show_default=True)
+@click.option(
+    "--log-level",
+    type=click.Choice(["critical", "error", "warning", "info", "debug"]),
+    default="info",
+    show_default=True,
+)
 @pin_file_option
 def serve(host: str, port: int, log_level: str, pin_file: str | None) -> None:
     """Serve CA certificates, CRLs, OCSP and time stamps over HTTP."""
