@@ -200,6 +200,18 @@ class _Loader:
             raise self.fail(table, index, key, f"must be a {typ.__name__}, not {value!r}")
         return value
 
+    def unique_name(self, table: str, index: int, entry: dict[str, Any], key: str,
+                    validate: Callable[[str], str], taken: set[str]) -> str:
+        """A required name field that passes ``validate`` and is not used twice in the file."""
+        value = self.get(entry, table, index, key, str, required=True)
+        try:
+            validate(value)
+        except HsmCaError as e:
+            raise self.fail(table, index, key, str(e)) from e
+        if value in taken:
+            raise self.fail(table, index, key, f"duplicate {table} {key} {value!r}")
+        return value
+
     def dn(self, table: str, index: int, key: str, text: str) -> x509.Name:
         from hsm_ca.policy import parse_dn
 
@@ -300,15 +312,9 @@ def load_spec(path: str | Path, profiles: ProfileStore | None = None,
     cas: list[CaSpec] = []
     for i, entry in enumerate(data.get("ca", [])):
         ld.unknown("ca", i, entry, _CA_KEYS)
-        name = ld.get(entry, "ca", i, "name", str, required=True)
         from hsm_ca.authority import validate_ca_name
 
-        try:
-            validate_ca_name(name)
-        except HsmCaError as e:
-            raise ld.fail("ca", i, "name", str(e)) from e
-        if any(c.name == name for c in cas):
-            raise ld.fail("ca", i, "name", f"duplicate CA name {name!r}")
+        name = ld.unique_name("ca", i, entry, "name", validate_ca_name, {c.name for c in cas})
         parent = ld.get(entry, "ca", i, "parent", str)
         path_length = ld.get(entry, "ca", i, "path_length", int)
         if path_length is not None and path_length < 0:
@@ -401,15 +407,10 @@ def load_spec(path: str | Path, profiles: ProfileStore | None = None,
     signers: list[SignerSpec] = []
     for i, entry in enumerate(data.get("signer", [])):
         ld.unknown("signer", i, entry, _SIGNER_KEYS)
-        label = ld.get(entry, "signer", i, "label", str, required=True)
         from hsm_ca.engine.base import validate_label
 
-        try:
-            validate_label(label)
-        except HsmCaError as e:
-            raise ld.fail("signer", i, "label", str(e)) from e
-        if any(s.label == label for s in signers):
-            raise ld.fail("signer", i, "label", f"duplicate signer label {label!r}")
+        label = ld.unique_name("signer", i, entry, "label", validate_label,
+                               {s.label for s in signers})
         ca = ld.get(entry, "signer", i, "ca", str, required=True)
         if ca not in known:
             raise ld.fail("signer", i, "ca", f"unknown CA {ca!r}")
