@@ -674,6 +674,25 @@ def stop(proc: subprocess.Popen[bytes] | None) -> None:
         proc.wait()
 
 
+def time_issuance(
+    authority: Any, csrs: list[bytes], single: int, batch: int, round_no: int
+) -> tuple[float, float]:
+    """Certificates/s issued one per call, then BATCH_CALL per ``sign_csrs`` call."""
+    ca = authority.ca("issuing")
+    t0 = time.perf_counter()
+    for data in csrs[:single]:
+        ca.issue(data, "tls-client")
+    one = single / (time.perf_counter() - t0)
+    t0 = time.perf_counter()
+    for part in chunks(csrs[:batch], BATCH_CALL):
+        issued_or_raise(
+            authority.sign_csrs(
+                "issuing", [(f"r{round_no}-{i}", d) for i, d in enumerate(part)], "tls-client"
+            )
+        )
+    return one, batch / (time.perf_counter() - t0)
+
+
 # ----------------------------------------------------------------------- bench
 @dataclass
 class Bench:
@@ -700,18 +719,9 @@ class Bench:
             bare.issue(csrs[:1])
             single, batch, base = [], [], []
             for r in range(self.rounds):
-                t0 = time.perf_counter()
-                for data in csrs[: s.single]:
-                    ca.issue(data, "tls-client")
-                single.append(s.single / (time.perf_counter() - t0))
-                t0 = time.perf_counter()
-                for part in chunks(csrs[: s.batch], BATCH_CALL):
-                    issued_or_raise(
-                        authority.sign_csrs(
-                            "issuing", [(f"r{r}-{i}", d) for i, d in enumerate(part)], "tls-client"
-                        )
-                    )
-                batch.append(s.batch / (time.perf_counter() - t0))
+                one, many = time_issuance(authority, csrs, s.single, s.batch, r)
+                single.append(one)
+                batch.append(many)
                 t0 = time.perf_counter()
                 bare.issue(csrs[: s.batch])
                 base.append(s.batch / (time.perf_counter() - t0))
@@ -781,18 +791,9 @@ class Bench:
             key.sign(tbs, mechanism=Mechanism.SHA256_RSA_PKCS)
             single, batch, raw = [], [], []
             for r in range(self.rounds):
-                t0 = time.perf_counter()
-                for data in csrs[: s.single]:
-                    ca.issue(data, "tls-client")
-                single.append(s.single / (time.perf_counter() - t0))
-                t0 = time.perf_counter()
-                for part in chunks(csrs[: s.pkcs11_batch], BATCH_CALL):
-                    issued_or_raise(
-                        authority.sign_csrs(
-                            "issuing", [(f"r{r}-{i}", d) for i, d in enumerate(part)], "tls-client"
-                        )
-                    )
-                batch.append(s.pkcs11_batch / (time.perf_counter() - t0))
+                one, many = time_issuance(authority, csrs, s.single, s.pkcs11_batch, r)
+                single.append(one)
+                batch.append(many)
                 t0 = time.perf_counter()
                 for _ in range(s.raw_sigs):
                     key.sign(tbs, mechanism=Mechanism.SHA256_RSA_PKCS)
