@@ -59,8 +59,15 @@ def take(salt: bytes, n: int, r: int, p: int, pin: str) -> bytes | None:
     return _RESULTS.pop(key, None)
 
 
-# commands that log in to the engine as the crypto user
-_KEY_COMMANDS = {"sign", "ca", "crl", "codesign", "tsa", "serve", "bootstrap", "audit"}
+# commands (and, for groups, subcommands) that log in to the engine as the crypto user;
+# others must not spend a core on a derivation nobody will use
+_KEY_COMMANDS: dict[str, set[str] | None] = {
+    "sign": None, "crl": None, "serve": None, "bootstrap": None,
+    "ca": {"create-root", "create-intermediate", "ocsp-responder"},
+    "codesign": {"new-signer", "sign"},
+    "tsa": {"create"},
+    "audit": {"checkpoint", "cert", "export"},
+}
 
 
 def start_from_argv(argv: list[str], environ: dict[str, str]) -> None:
@@ -73,9 +80,9 @@ def start_from_argv(argv: list[str], environ: dict[str, str]) -> None:
     if not pin or "--pin-file" in argv or "-h" in argv or "--help" in argv:
         return
     home = environ.get("HSM_CA_HOME") or str(Path("~/.hsm-ca").expanduser())
-    command = None
+    words: list[str] = []
     i = 0
-    while i < len(argv):
+    while i < len(argv) and len(words) < 2:
         arg = argv[i]
         if arg == "--home" and i + 1 < len(argv):
             home = argv[i + 1]
@@ -84,10 +91,12 @@ def start_from_argv(argv: list[str], environ: dict[str, str]) -> None:
         if arg.startswith("--home="):
             home = arg.split("=", 1)[1]
         elif not arg.startswith("-"):
-            command = arg
-            break
+            words.append(arg)
         i += 1
-    if command not in _KEY_COMMANDS:
+    if not words or words[0] not in _KEY_COMMANDS:
+        return
+    subcommands = _KEY_COMMANDS[words[0]]
+    if subcommands is not None and (len(words) < 2 or words[1] not in subcommands):
         return
     try:
         import tomllib

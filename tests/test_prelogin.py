@@ -37,8 +37,13 @@ def test_started_from_argv_and_a_wrong_pin_still_fails(soft_pki: Cli, tmp_path: 
                              {"HSM_CA_PIN": USER_PIN})
     assert prelogin._JOBS  # a derivation was started for the home's crypto user
     prelogin._JOBS.clear()
-    prelogin.start_from_argv(["--home", str(soft_pki.home), "list"], {"HSM_CA_PIN": USER_PIN})
-    assert not prelogin._JOBS  # commands that need no key start nothing
+    for words in (["list"], ["ca", "list"], ["audit", "verify"], ["keys", "list"]):
+        prelogin.start_from_argv(["--home", str(soft_pki.home), *words], {"HSM_CA_PIN": USER_PIN})
+        assert not prelogin._JOBS, words  # commands that need no key start nothing
+    prelogin.start_from_argv(["--home", str(soft_pki.home), "ca", "create-root", "x"],
+                             {"HSM_CA_PIN": USER_PIN})
+    assert prelogin._JOBS
+    prelogin._JOBS.clear()
     r = run_process(soft_pki.home, "sign", str(csr), "--ca", "issuing", "--profile", "tls-server",
                     env={"HSM_CA_PIN": "wrong-pin-1"})
     assert r.returncode == 1 and "wrong PIN" in r.stderr

@@ -47,32 +47,6 @@ class State:
         chosen = pin_file or self.pin_file
         return pin_source("user", Path(chosen) if chosen else None, prompt=hidden_prompt)
 
-    def prelogin(self, pin_file: str | None = None) -> None:
-        """Start the built-in engine's PIN derivation now, in parallel with the imports.
-
-        Best effort and silent: with no PIN at hand (a prompt would be needed) or
-        anything unusual, the normal login does all the work and reports errors.
-        """
-        import os
-
-        from hsm_ca.config import HSM_DIR, PIN_ENV, USER_ENV
-
-        if pin_file or self.pin_file or not os.environ.get(PIN_ENV):
-            return
-        try:
-            from hsm_ca.config import load_config
-
-            cfg = load_config(self.home)
-        except Exception:  # noqa: BLE001 - reported properly by the real login
-            return
-        if cfg.engine != "soft":
-            return
-        from hsm_ca import prelogin
-
-        prelogin.start(
-            self.home / HSM_DIR, os.environ.get(USER_ENV) or cfg.user, os.environ[PIN_ENV]
-        )
-
     def authority(self, pin_file: str | None = None) -> Authority:
         if self._authority is None:
             from hsm_ca.authority import Authority

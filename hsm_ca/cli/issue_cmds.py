@@ -61,7 +61,6 @@ def sign(
     from hsm_ca.x509util import cert_pem
 
     st = state()
-    st.prelogin(pin_file)  # the PIN's KDF runs on the other core while the rest loads
     if len(csr_files) > 1 and not out_dir:
         raise UsageError("several CSR files need --out-dir DIR")
     if output and out_dir:
