@@ -40,7 +40,7 @@ from hsm_ca.config import (
     render_config,
 )
 from hsm_ca.engine.base import HsmEngine, KeyHandle, KeySpec, validate_key_type
-from hsm_ca.engine.keys import as_private_key, key_type_of
+from hsm_ca.engine.keys import SignatureRequest, as_private_key, capturing_key, key_type_of
 from hsm_ca.errors import (
     AlreadyExists,
     ConfigError,
@@ -73,6 +73,10 @@ CABF_SCHEDULE: tuple[tuple[_dt.datetime, int], ...] = (
     (_dt.datetime(2026, 3, 15, tzinfo=_dt.UTC), 200),
 )
 CABF_BEFORE = 398
+# Batches this large are signed through the PKCS#11 engine's helper process, in parts
+# small enough that the token is never idle for long (see engine/p11_helper.py).
+HELPER_MIN_BATCH = 64
+PIPELINE_DEPTH = 2  # parts in flight at the helper while the oldest one is stored
 
 
 def cabf_max_days(now: _dt.datetime) -> int:
@@ -198,6 +202,7 @@ class _Draft:
     source: str | None = None
     serial: int = 0
     extra: dict[str, Any] = field(default_factory=dict)
+    index: int = 0
     _subject_text: str | None = None
 
     @property
@@ -224,6 +229,18 @@ class _IssueContext:
     hash_alg: Any
     issuer_public: Any
     issuer_text: str
+    capture: tuple[Any, SignatureRequest] | None = None
+
+
+@dataclass
+class _Ticket:
+    """A certificate built around a placeholder signature, its TBS out for signing."""
+
+    placeholder: bytes
+    tbs: bytes
+    algorithm: Any
+    padding: Any
+    submitted: bool = False
 
 
 def _ca_from_row(row: dict[str, Any]) -> CaRecord:
@@ -689,10 +706,12 @@ class Authority:
         """Check and issue several CSRs (``(source, bytes)``) in one batch.
 
         Refused CSRs are recorded and returned as ``Refusal``; the others are
-        issued with one commit for the intents and one for the certificates.
+        issued with one commit for the intents and one for the certificates —
+        per part when a PKCS#11 signing helper takes the signatures: then the
+        token signs one part while this process checks, builds and stores the
+        others, because signing in-line would leave the token idle for half
+        the time.
         """
-        from hsm_ca.policy import check_request, csr_sha256, load_csr
-
         actor = self.actor()
         try:
             profile = self.profiles.get(profile_name)
@@ -721,9 +740,87 @@ class Authority:
                     csr_sha256=hashlib.sha256(data).hexdigest(), detail=f"{source}: {e}",
                 )
             raise
-        results: list[IssuedCertificate | Refusal | None] = []
+        results: list[IssuedCertificate | Refusal | None] = [None] * len(csrs)
+        helper: Any = None
+        pipelined = (len(csrs) >= HELPER_MIN_BATCH and self.config.pkcs11 is not None
+                     and self.config.pkcs11.signing_helper)
+        ctx: _IssueContext | None = None
+        pending: list[tuple[list[_Draft], list[_Ticket | HsmCaError]]] = []
+
+        def place(drafts: list[_Draft], issued: list[IssuedCertificate | Refusal]) -> None:
+            for d, item in zip(drafts, issued, strict=True):
+                results[d.index] = item
+
+        offset = 0
+        try:
+            for size in _chunk_sizes(len(csrs)) if pipelined else [len(csrs)]:
+                part, first = csrs[offset:offset + size], offset
+                offset += size
+                drafts = self._check_csrs(part, first, profile, ca, days, now, path_length, results)
+                if not drafts:
+                    continue
+                if ctx is None:
+                    try:
+                        handle = CertificateAuthority(self, ca).key_handle()
+                    except HsmCaError as e:
+                        for d in drafts:
+                            self.audit.append(
+                                actor, "issue", "refused", ca=ca_name, profile=profile_name,
+                                csr_sha256=d.csr_sha256, subject=d.subject_text,
+                                detail=f"{d.source}: {e}",
+                            )
+                        for source, data in csrs[offset:]:
+                            self.audit.append(
+                                actor, "issue", "refused", ca=ca_name, profile=profile_name,
+                                csr_sha256=hashlib.sha256(data).hexdigest(),
+                                detail=f"{source}: {e}",
+                            )
+                        raise
+                    if pipelined:
+                        start = getattr(self.engine(), "signing_helper", None)
+                        helper = start(ca.key_label) if start is not None else None
+                    ctx = self._context(
+                        ca_name=ca.name, issuer_name=ca.subject, issuer_handle=handle,
+                        issuer_key_type=ca.key_type, issuer_cert=ca.certificate, new_ca=None,
+                        capture=helper is not None,
+                    )
+                self._reserve(drafts, ctx)
+                if helper is not None and helper.broken is None and helper.ready():
+                    # the helper signs this part while we store the one before the last
+                    pending.append((drafts, self._submit(drafts, ctx, helper)))
+                    if len(pending) > PIPELINE_DEPTH:
+                        done, tickets = pending.pop(0)
+                        place(done, self._store(done, self._collect(tickets, ctx, helper), ctx))
+                else:
+                    place(drafts, self._store(drafts, self._sign(drafts, ctx), ctx))
+            while pending:
+                done, tickets = pending.pop(0)
+                assert ctx is not None and helper is not None
+                place(done, self._store(done, self._collect(tickets, ctx, helper), ctx))
+        finally:
+            if pending and helper is not None:
+                helper.discard()  # answers nobody will read must not reach the next batch
+        if ctx is not None:
+            chain = tuple(self.chain(ca.name, include_root=False))
+            for i, r in enumerate(results):
+                if isinstance(r, IssuedCertificate):
+                    results[i] = IssuedCertificate(
+                        r.certificate, r.ca, r.profile, chain, r.source, r.pem_text, r.summary,
+                    )
+            self.maybe_checkpoint()
+        return [r for r in results if r is not None]
+
+    def _check_csrs(
+        self, part: Sequence[tuple[str, bytes]], first: int, profile: Profile, ca: CaRecord,
+        days: int | None, now: _dt.datetime, path_length: int | None,
+        results: list[IssuedCertificate | Refusal | None],
+    ) -> list[_Draft]:
+        """Check CSRs against the profile; refusals are recorded and placed in ``results``."""
+        from hsm_ca.policy import check_request, csr_sha256, load_csr
+
+        actor = self.actor()
         drafts: list[_Draft] = []
-        for source, data in csrs:
+        for i, (source, data) in enumerate(part, first):
             digest = hashlib.sha256(data).hexdigest()
             csr = None
             try:
@@ -736,50 +833,48 @@ class Authority:
                         profile=profile, subject=checked.subject, public_key=checked.public_key,
                         sans=checked.sans, not_before=nb, not_after=na,
                         csr_sha256=checked.csr_sha256, key_type=checked.key_type,
-                        path_length=path_length, source=source,
+                        path_length=path_length, source=source, index=i,
                     )
                 )
-                results.append(None)
             except HsmCaError as e:
                 subject_text = None
                 if csr is not None:
                     with contextlib.suppress(Exception):
                         subject_text = csr.subject.rfc4514_string()
                 self.audit.append(
-                    actor, "issue", "refused", ca=ca_name, profile=profile_name,
+                    actor, "issue", "refused", ca=ca.name, profile=profile.name,
                     subject=subject_text, csr_sha256=digest, detail=f"{source}: {e}",
                 )
-                results.append(Refusal(source, e))
-        if drafts:
-            signer = CertificateAuthority(self, ca)
-            try:
-                handle = signer.key_handle()
-            except HsmCaError as e:
-                for d in drafts:
-                    self.audit.append(
-                        actor, "issue", "refused", ca=ca_name, profile=profile_name,
-                        csr_sha256=d.csr_sha256, subject=d.subject_text,
-                        detail=f"{d.source}: {e}",
-                    )
-                raise
-            issued = self._issue_batch(
-                drafts, ca_name=ca.name, issuer_name=ca.subject, issuer_handle=handle,
-                issuer_key_type=ca.key_type, issuer_cert=ca.certificate, new_ca=None,
-            )
-            chain = tuple(self.chain(ca.name, include_root=False))
-            it = iter(issued)
-            for i, r in enumerate(results):
-                if r is None:
-                    item = next(it)
-                    if isinstance(item, IssuedCertificate):
-                        item = IssuedCertificate(
-                            item.certificate, item.ca, item.profile, chain, item.source,
-                            item.pem_text, item.summary,
-                        )
-                    results[i] = item
-        if drafts:
-            self.maybe_checkpoint()
-        return [r for r in results if r is not None]
+                results[i] = Refusal(source, e)
+        return drafts
+
+    def _context(
+        self,
+        *,
+        ca_name: str,
+        issuer_name: x509.Name,
+        issuer_handle: KeyHandle,
+        issuer_key_type: str,
+        issuer_cert: x509.Certificate | None,
+        new_ca: tuple[str, str | None, str, str] | None,
+        on_issued: Callable[[IssuedCertificate], None] | None = None,
+        capture: bool = False,
+    ) -> _IssueContext:
+        # Signatures from a hardware token are checked before they are stored (a faulty HSM
+        # must not issue); the built-in engine signs with cryptography in this process, where
+        # a check would cost as much as the signature and test cryptography against itself.
+        check = capture or not getattr(self._engine, "signatures_trusted", False)
+        return _IssueContext(
+            ca_name=ca_name, issuer_name=issuer_name, issuer_handle=issuer_handle,
+            issuer_key_type=issuer_key_type, issuer_cert=issuer_cert, new_ca=new_ca,
+            on_issued=on_issued, base_url=self.config.base_url,
+            publishes_deltas=self._issuer_publishes_deltas(ca_name),
+            private_key=as_private_key(issuer_handle),
+            hash_alg=signature_hash_for(issuer_key_type),
+            issuer_public=issuer_handle.public_key() if check else None,
+            issuer_text=issuer_name.rfc4514_string(),
+            capture=capturing_key(issuer_handle) if capture else None,
+        )
 
     def _issue_batch(
         self,
@@ -793,19 +888,10 @@ class Authority:
         new_ca: tuple[str, str | None, str, str] | None,
         on_issued: Callable[[IssuedCertificate], None] | None = None,
     ) -> list[IssuedCertificate | Refusal]:
-        # Signatures from a hardware token are checked before they are stored (a faulty HSM
-        # must not issue); the built-in engine signs with cryptography in this process, where
-        # a check would cost as much as the signature and test cryptography against itself.
-        check = not getattr(self._engine, "signatures_trusted", False)
-        ctx = _IssueContext(
+        ctx = self._context(
             ca_name=ca_name, issuer_name=issuer_name, issuer_handle=issuer_handle,
             issuer_key_type=issuer_key_type, issuer_cert=issuer_cert, new_ca=new_ca,
-            on_issued=on_issued, base_url=self.config.base_url,
-            publishes_deltas=self._issuer_publishes_deltas(ca_name),
-            private_key=as_private_key(issuer_handle),
-            hash_alg=signature_hash_for(issuer_key_type),
-            issuer_public=issuer_handle.public_key() if check else None,
-            issuer_text=issuer_name.rfc4514_string(),
+            on_issued=on_issued,
         )
         self._reserve(drafts, ctx)
         return self._store(drafts, self._sign(drafts, ctx), ctx)
@@ -840,6 +926,64 @@ class Authority:
                     raise EngineError("the signed certificate differs from the one that was linted")
                 if ctx.issuer_public is not None:
                     _check_signature(cert, ctx.issuer_public)
+                signed.append(cert)
+            except HsmCaError as e:
+                signed.append(e)
+            except (ValueError, TypeError) as e:
+                signed.append(EngineError(f"signing failed: {e}"))
+        return signed
+
+    def _submit(self, drafts: list[_Draft], ctx: _IssueContext,
+                helper: Any) -> list[_Ticket | HsmCaError]:
+        """Step 2, pipelined: build each certificate around a placeholder signature and send
+        its TBS to the signing helper, without waiting for the token."""
+        assert ctx.capture is not None
+        capture_key, request = ctx.capture
+        tickets: list[_Ticket | HsmCaError] = []
+        for d in drafts:
+            try:
+                builder = _builder(d, ctx)
+                linted = _prelint(builder, d.profile, ctx.issuer_key_type, ctx.hash_alg)
+                placeholder = builder.sign(capture_key, ctx.hash_alg)
+                tbs = request.data
+                assert tbs is not None
+                if linted is not None and linted != tbs:
+                    raise EngineError("the signed certificate differs from the one that was linted")
+                ticket = _Ticket(placeholder.public_bytes(serialization.Encoding.DER), tbs,
+                                 request.algorithm, request.padding)
+                try:
+                    helper.submit(tbs, request.algorithm, request.padding)
+                    ticket.submitted = True
+                except EngineError:
+                    pass  # signed in this process when collected
+                tickets.append(ticket)
+            except HsmCaError as e:
+                tickets.append(e)
+            except (ValueError, TypeError) as e:
+                tickets.append(EngineError(f"signing failed: {e}"))
+        return tickets
+
+    def _collect(self, tickets: list[_Ticket | HsmCaError], ctx: _IssueContext,
+                 helper: Any) -> list[x509.Certificate | HsmCaError]:
+        """Step 2, second half: take the helper's signatures in order, splice each into its
+        certificate and check it against the CA's public key before anything is stored."""
+        from hsm_ca.engine.p11_helper import HelperGone
+        from hsm_ca.x509util import splice_signature
+
+        signed: list[x509.Certificate | HsmCaError] = []
+        for t in tickets:
+            if isinstance(t, HsmCaError):
+                signed.append(t)
+                continue
+            try:
+                signature = None
+                if t.submitted:
+                    with contextlib.suppress(HelperGone):  # the helper died: sign here instead
+                        signature = helper.result()
+                if signature is None:
+                    signature = ctx.issuer_handle.sign(t.tbs, t.algorithm, t.padding)
+                cert = x509.load_der_x509_certificate(splice_signature(t.placeholder, t.tbs, signature))
+                _check_signature(cert, ctx.issuer_public)  # type: ignore[arg-type]
                 signed.append(cert)
             except HsmCaError as e:
                 signed.append(e)
@@ -1056,6 +1200,22 @@ def _cert_summary(row: dict[str, Any]) -> dict[str, Any]:
         "not_after": row["not_after"],
         "status": row["status"],
     }
+
+
+def _chunk_sizes(n: int, first: int = 4, top: int = 16) -> list[int]:
+    """Part sizes for a pipelined batch: small at both ends, so the token starts signing
+    early and little is left to store once it has finished, ``top`` in between."""
+    ramp = []
+    size = first
+    while size < top:
+        ramp.append(size)
+        size *= 2
+    if n <= 2 * sum(ramp):
+        return [first] * (n // first) + ([n % first] if n % first else [])
+    middle = n - 2 * sum(ramp)
+    count = -(-middle // top)
+    return ramp + [middle // count + (1 if i < middle % count else 0) for i in range(count)] \
+        + ramp[::-1]
 
 
 def _validity(

@@ -33,6 +33,8 @@ class Pkcs11Settings:
     module: str
     token_label: str | None = None
     uri: str | None = None
+    # sign large batches in a helper process with its own session (see engine/p11_helper.py)
+    signing_helper: bool = True
 
 
 @dataclass(frozen=True)
@@ -110,6 +112,8 @@ def render_config(cfg: HomeConfig) -> str:
             lines.append(f"token_label = {_toml_value(cfg.pkcs11.token_label)}")
         if cfg.pkcs11.uri:
             lines.append(f"uri = {_toml_value(cfg.pkcs11.uri)}")
+        if not cfg.pkcs11.signing_helper:
+            lines.append("signing_helper = false")
     return "\n".join(lines) + "\n"
 
 
@@ -143,10 +147,20 @@ def load_config(home: Path) -> HomeConfig:
         section = data.get("pkcs11")
         if not isinstance(section, dict) or not isinstance(section.get("module"), str):
             raise ConfigError(f"{path}: engine 'pkcs11' needs [pkcs11] with a 'module' path")
+        for key in section:
+            if key not in ("module", "token_label", "uri", "signing_helper"):
+                raise ConfigError(f"{path}: unknown field 'pkcs11.{key}'")
+        for key in ("token_label", "uri"):
+            if key in section and not isinstance(section[key], str):
+                raise ConfigError(f"{path}: field 'pkcs11.{key}' must be a string")
+        helper = section.get("signing_helper", True)
+        if not isinstance(helper, bool):
+            raise ConfigError(f"{path}: field 'pkcs11.signing_helper' must be true or false")
         pkcs11 = Pkcs11Settings(
             module=section["module"],
             token_label=section.get("token_label"),
             uri=section.get("uri"),
+            signing_helper=helper,
         )
     nodes = data.get("nodes", [])
     if not isinstance(nodes, list) or not all(isinstance(n, str) and n for n in nodes):

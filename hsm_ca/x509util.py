@@ -75,3 +75,38 @@ def general_names_as_strings(names: Any) -> list[str]:
         }.get(type(name), type(name).__name__)
         out.append(f"{kind}:{name.value}")
     return out
+
+
+def _der_length(n: int) -> bytes:
+    if n < 0x80:
+        return bytes([n])
+    body = n.to_bytes((n.bit_length() + 7) // 8, "big")
+    return bytes([0x80 | len(body)]) + body
+
+
+def _tlv_end(der: bytes, offset: int) -> tuple[int, int]:
+    """(start of contents, end) of the DER element at ``offset``."""
+    first = der[offset + 1]
+    if first < 0x80:
+        start = offset + 2
+        return start, start + first
+    count = first & 0x7F
+    start = offset + 2 + count
+    return start, start + int.from_bytes(der[offset + 2:start], "big")
+
+
+def splice_signature(signed_der: bytes, tbs: bytes, signature: bytes) -> bytes:
+    """Replace the signature of a signed X.509 structure (certificate, CRL) with ``signature``.
+
+    ``signed_der`` is SEQUENCE { tbs, AlgorithmIdentifier, BIT STRING }; it was
+    built with a placeholder signature so the TBS could be signed elsewhere. The
+    TBS must be exactly the bytes that were signed.
+    """
+    body, end = _tlv_end(signed_der, 0)
+    if end != len(signed_der) or signed_der[body:body + len(tbs)] != tbs:
+        raise ValueError("the signed structure does not hold the expected TBS")
+    alg_end = _tlv_end(signed_der, body + len(tbs))[1]
+    algid = signed_der[body + len(tbs):alg_end]
+    bits = b"\x03" + _der_length(len(signature) + 1) + b"\x00" + signature
+    inner = len(tbs) + len(algid) + len(bits)
+    return b"\x30" + _der_length(inner) + tbs + algid + bits

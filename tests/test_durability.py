@@ -369,6 +369,66 @@ def test_sigkill_at_random_instants_leaves_a_consistent_home(home: Path, tmp_pat
     )
 
 
+def _helper_pids() -> set[int]:
+    pids = set()
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit():
+            try:
+                if b"hsm_ca.engine.p11_helper" in (proc / "cmdline").read_bytes():
+                    pids.add(int(proc.name))
+            except OSError:
+                continue
+    return pids
+
+
+def test_sigkill_during_pipelined_pkcs11_batches_leaves_a_consistent_home(tmp_path: Path) -> None:
+    """The PKCS#11 signing helper pipeline (parts in flight, one transaction per part)
+    killed at random instants: same invariants, and no helper process left behind."""
+    from conftest import new_softhsm_token, softhsm_module
+
+    from hsm_ca.config import Pkcs11Settings
+
+    seed = int(os.environ.get("HSM_CA_DURABILITY_SEED") or random.randrange(1 << 32))
+    rng = random.Random(seed)
+    home = tmp_path / "home"
+    settings = Pkcs11Settings(module=softhsm_module(), token_label=new_softhsm_token())
+    with hsm_ca.init_home(home, user_pin=USER_PIN, engine="pkcs11", pkcs11=settings,
+                          scrypt_n=TEST_SCRYPT_N) as a:
+        a.create_root("root", parse_dn("CN=Pipeline Root"))
+        a.create_intermediate("issuing", "root", parse_dn("CN=Pipeline Issuing"),
+                              key_type="rsa-2048", path_length=0)
+    csrs = tmp_path / "csrs.json"
+    csrs.write_text(json.dumps([make_csr(cn=f"p-{i}.example.com").decode() for i in range(200)]))
+    before = _helper_pids()
+    reported = Reported()
+    for n in range(12):
+        out = tmp_path / f"{n}.out"
+        with out.open("wb") as fo:
+            proc = subprocess.Popen(
+                [sys.executable, str(DRIVER), "batches", str(home), str(csrs), str(seed + n)],
+                stdout=fo, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, env=_env(),
+            )
+        try:
+            start = _wait_for_ready(out, proc, timeout=60)
+            time.sleep(max(0.0, start + rng.uniform(0.2, 1.5) - time.monotonic()))
+            early = proc.poll()
+        finally:
+            proc.kill()
+            _, err = proc.communicate(timeout=30)
+        assert early is None, f"seed {seed}: driver {n} exited by itself:\n{err.decode()}"
+        _parse_driver_output(out.read_text(), reported)
+    assert len(reported.issued) >= 80, f"seed {seed}: too little was issued to test anything"
+    counts = check_consistency(home, reported, one_writer=True)
+    _cli_audit_verify(home)
+    deadline = time.monotonic() + 30
+    while _helper_pids() - before and time.monotonic() < deadline:
+        time.sleep(0.1)  # orphaned helpers see the end of their input and exit
+    left = [pid for pid in _helper_pids() - before
+            if "State:\tZ" not in Path(f"/proc/{pid}/status").read_text()]
+    assert left == [], f"signing helpers outlived their killed parents: {left}"
+    print(f"seed {seed}: {len(reported.issued)} certificates returned; database: {counts}")
+
+
 # ----------------------------------------------------------------- concurrency
 
 

@@ -131,3 +131,47 @@ def key_type_of(public_key: Any) -> str:
     if isinstance(public_key, ed25519.Ed25519PublicKey):
         return "ed25519"
     return type(public_key).__name__
+
+
+class SignatureRequest:
+    """What a builder asked a capturing key to sign, kept to be signed elsewhere."""
+
+    __slots__ = ("algorithm", "data", "padding")
+
+    def __init__(self) -> None:
+        self.data: bytes | None = None
+        self.algorithm: Any = None
+        self.padding: Any = None
+
+
+def _placeholder(handle: KeyHandle) -> bytes:
+    if handle.key_type.startswith("rsa-"):
+        return bytes(handle.public_key().key_size // 8)  # type: ignore[union-attr]
+    if handle.key_type.startswith("ec-"):
+        return bytes.fromhex("3006020101020101")  # ECDSA-Sig-Value r = s = 1
+    return bytes(64)
+
+
+def capturing_key(handle: KeyHandle) -> tuple[CertificateIssuerPrivateKeyTypes, SignatureRequest]:
+    """A key that records the to-be-signed bytes and returns a placeholder signature.
+
+    It lets cryptography's builders produce the exact TBS bytes without a round trip
+    to the HSM, so the signing can happen in another process (the PKCS#11 signing
+    helper) while this one builds the next certificate. The placeholder certificate
+    is never stored: the real signature is spliced in and checked first.
+    """
+    request = SignatureRequest()
+    placeholder = _placeholder(handle)
+
+    def record(data: bytes, algorithm: Any, padding: Any = None) -> bytes:
+        request.data, request.algorithm, request.padding = data, algorithm, padding
+        return placeholder
+
+    class _Recorder:
+        label = handle.label
+        key_type = handle.key_type
+        extractable = False
+        public_key = staticmethod(handle.public_key)
+        sign = staticmethod(record)
+
+    return as_private_key(_Recorder()), request  # type: ignore[arg-type]

@@ -160,6 +160,8 @@ class Pkcs11Engine:
         self._mechs: set[str] | None = None
         self._handles: dict[str, Any] = {}
         self._sleep = sleep
+        self._settings = settings
+        self._helpers: dict[str, Any] = {}
 
     # ------------------------------------------------------------ session
     def _token(self) -> Any:
@@ -225,7 +227,36 @@ class Pkcs11Engine:
                 self._pin = None
                 raise
 
+    def signing_helper(self, label: str) -> Any:
+        """The helper process that signs with ``label`` for large batches, started on first use.
+
+        Returns None when helpers are turned off (``signing_helper = false``), when
+        not logged in, or when the helper for this key has failed once: the caller
+        then signs in this process. Starting does not wait for the helper's login;
+        ``ready()`` says when it can take work.
+        """
+        if not self._settings.signing_helper or self._pin is None:
+            return None
+        helper = self._helpers.get(label)
+        if helper is None:
+            from hsm_ca.engine.p11_helper import SigningHelper
+
+            settings = {"module": self.module, "token_label": self.token_label,
+                        "uri": self._settings.uri}
+            try:
+                helper = SigningHelper(settings, self._user or "", self._pin, label)
+            except OSError:
+                return None
+            self._helpers[label] = helper
+        return None if helper.broken else helper
+
+    def _close_helpers(self) -> None:
+        helpers, self._helpers = list(self._helpers.values()), {}
+        for helper in helpers:
+            helper.close()
+
     def logout(self) -> None:
+        self._close_helpers()
         with self._lock:
             if self._session is not None:
                 for sessions in _SESSIONS.values():

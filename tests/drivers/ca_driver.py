@@ -14,6 +14,10 @@ Two modes, both on an existing home with a root CA ``root`` and an issuing CA
         R <serial>                 certificate revoked
         C <ca> <number> <base|->   CRL signed (base is the delta CRL's base)
 
+``batches HOME CSRS SEED``
+    Like ``crash`` but issuing batches large enough for the PKCS#11 signing
+    helper (80 CSRs), with a revocation now and then; same output lines.
+
 ``concurrent HOME CSRS SEED WORKER OPS BARRIER_DIR``
     Wait until BARRIER_DIR/go exists (after creating BARRIER_DIR/ready-WORKER),
     then do OPS operations and print one JSON object: what it issued, revoked
@@ -100,6 +104,23 @@ def crash(home: str, csrs_path: str, seed: int, max_ops: int | None) -> None:
         own.extend(serials)
 
 
+def batches(home: str, csrs_path: str, seed: int) -> None:
+    csrs = json.loads(Path(csrs_path).read_text())
+    rng = random.Random(seed)
+    authority = hsm_ca.open_home(home, pin=PIN)
+    authority.engine()
+    print("READY", flush=True)
+    own: list[str] = []
+    while True:
+        if own and rng.random() < 0.2:
+            result = authority.revoke(own.pop(rng.randrange(len(own))), "superseded")
+            print(f"R {result.serial}", flush=True)
+            continue
+        serials = _issue(authority, rng, csrs, 80)
+        print("".join(f"I {s}\n" for s in serials), end="", flush=True)
+        own.extend(serials)
+
+
 def concurrent(home: str, csrs_path: str, seed: int, worker: int, ops: int, barrier: str) -> None:
     csrs = json.loads(Path(csrs_path).read_text())
     rng = random.Random(seed)
@@ -140,6 +161,8 @@ def main(argv: list[str]) -> None:
     mode = argv[0]
     if mode == "crash":
         crash(argv[1], argv[2], int(argv[3]), int(argv[4]) if len(argv) > 4 else None)
+    elif mode == "batches":
+        batches(argv[1], argv[2], int(argv[3]))
     elif mode == "concurrent":
         concurrent(argv[1], argv[2], int(argv[3]), int(argv[4]), int(argv[5]), argv[6])
     else:
