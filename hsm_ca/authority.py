@@ -999,6 +999,14 @@ class Authority:
         ca_name, issuer_handle, new_ca, on_issued = (
             ctx.ca_name, ctx.issuer_handle, ctx.new_ca, ctx.on_issued)
         results: list[IssuedCertificate | Refusal] = []
+        formatted: dict[_dt.datetime, str] = {}  # a batch shares its validity: format it once
+
+        def times(when: _dt.datetime) -> str:
+            text = formatted.get(when)
+            if text is None:
+                text = formatted[when] = rfc3339(when)
+            return text
+
         with store.transaction():
             for d, cert in zip(drafts, signed, strict=True):
                 serial = format_serial(d.serial)
@@ -1017,7 +1025,8 @@ class Authority:
                 der = cert.public_bytes(serialization.Encoding.DER)
                 sha = hashlib.sha256(der).hexdigest()
                 pem = pem_from_der(der)
-                not_before, not_after = rfc3339(d.not_before), rfc3339(d.not_after)
+                not_before, not_after = times(d.not_before), times(d.not_after)
+                sans = general_names_as_strings(d.sans)
                 if new_ca is not None:
                     name, parent, label, key_type = new_ca
                     store.insert_ca(
@@ -1043,7 +1052,7 @@ class Authority:
                         "ca": ca_name,
                         "profile": d.profile.name,
                         "subject": d.subject_text,
-                        "sans": general_names_as_strings(d.sans),
+                        "sans": sans,
                         "key_type": d.key_type,
                         "not_before": not_before,
                         "not_after": not_after,
@@ -1063,8 +1072,7 @@ class Authority:
                 summary = {
                     "serial": serial, "subject": d.subject_text, "issuer": ctx.issuer_text,
                     "not_before": not_before, "not_after": not_after,
-                    "profile": d.profile.name, "ca": ca_name,
-                    "sans": general_names_as_strings(d.sans),
+                    "profile": d.profile.name, "ca": ca_name, "sans": list(sans),
                 }
                 issued = IssuedCertificate(cert, ca_name, d.profile.name, (), d.source, pem,
                                            summary)

@@ -183,8 +183,14 @@ def _is_control(ch: str) -> bool:
     return o < 0x20 or 0x7F <= o <= 0x9F
 
 
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f]")  # exactly what _is_control accepts
+# the ASCII characters normalize_dns_name's per-character checks refuse (NUL, controls,
+# whitespace, comma); a name without them skips the slower Unicode checks
+_ASCII_SUSPECT = re.compile("[\x00-\x20,\x7f]")
+
+
 def _has_control(value: str) -> bool:
-    return any(_is_control(c) for c in value)
+    return _CONTROL.search(value) is not None
 
 
 def csr_sha256(data_or_csr: bytes | x509.CertificateSigningRequest) -> str:
@@ -309,7 +315,7 @@ def normalize_dns_name(name: str, *, allow_wildcard: bool = True) -> str:
         raise CsrRejected("DNS name is empty")
     if len(name) > 253:
         raise CsrRejected(f"{what} is longer than 253 characters")
-    for ch in name:
+    for ch in name if not name.isascii() or _ASCII_SUSPECT.search(name) else ():
         if ch == "\x00":
             raise CsrRejected(f"{what} contains a NUL character")
         if ch == ",":

@@ -1106,3 +1106,28 @@ def test_parse_dn_refusals(text, why):
 
 def test_parse_dn_dotted_oid_of_known_attribute():
     assert parse_dn("2.5.4.3=Root") == x509.Name([cn("Root")])
+
+
+def test_fast_paths_refuse_exactly_what_the_character_checks_refuse() -> None:
+    """The regex shortcuts in policy.py must agree with the per-character rules they skip."""
+    import unicodedata
+
+    from hsm_ca.errors import CsrRejected
+    from hsm_ca.policy import _has_control, _is_control, normalize_dns_name
+
+    for code in range(0x300):
+        ch = chr(code)
+        assert _has_control(f"ab{ch}cd") == _is_control(ch), hex(code)
+    for code in range(0x80):
+        ch = chr(code)
+        refused_by_rule = (
+            ch in "\x00," or ch.isspace() or unicodedata.category(ch).startswith("Z")
+            or unicodedata.category(ch) in ("Cc", "Cf", "Cs", "Co", "Cn")
+        )
+        try:
+            normalize_dns_name(f"a{ch}b.example.com")
+            refused = False
+        except CsrRejected as e:
+            refused = "NUL" in str(e) or "comma" in str(e) or "whitespace" in str(e) \
+                or "control character" in str(e)
+        assert refused == refused_by_rule, hex(code)
