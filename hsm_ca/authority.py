@@ -355,6 +355,30 @@ class Authority:
             raise
         return cls(replace(cfg, home=home), pin=lambda: user_pin)
 
+    def fork(self) -> int:
+        """``os.fork()`` with the logged-in engine shared and the database connection not.
+
+        For parallel issuing without a second login or interpreter start-up:
+        the child inherits the engine session (one login, audited once, serves
+        both processes), while each side opens its own SQLite connection —
+        SQLite keeps per-process lock state that must not cross a fork, so the
+        connection is closed before forking. Returns 0 in the child, the
+        child's pid in the parent. Only for the built-in engine: a PKCS#11
+        library must be initialised again in a child.
+        """
+        if self.config.engine != "soft":
+            raise EngineError("only the built-in engine's session can be shared with a child process")
+        if self.store.conn.in_transaction:
+            raise EngineError("cannot fork inside a database transaction")
+        self.engine()
+        self.store.close()
+        try:
+            pid = os.fork()
+        finally:
+            self.store = Store(self.config.db_path)
+            self.audit = AuditLog(self.store)
+        return pid
+
     def close(self) -> None:
         if self._engine is not None:
             self._engine.close()

@@ -416,3 +416,68 @@ def test_batch_sign_in_several_processes(pki: Cli, tmp_path: Path) -> None:
     listed = {c["serial"] for c in json.loads(pki.ok("--json", "list", "--ca", "issuing").out)}
     assert set(serials) <= listed
     pki.ok("audit", "verify")
+
+
+def _csr_files(tmp_path: Path, n: int) -> list[str]:
+    files = []
+    for i in range(n):
+        p = tmp_path / "csrs" / f"f{i:03d}.csr"
+        p.parent.mkdir(exist_ok=True)
+        p.write_bytes(make_csr(cn=f"f{i}.example.com"))
+        files.append(str(p))
+    return files
+
+
+def test_jobs_on_the_built_in_engine_fork_and_share_one_login(
+    soft_pki: Cli, tmp_path: Path,
+) -> None:
+    """A real process: the child made by Authority.fork() issues its half with the
+    parent's session (one login audited, not two) and its own database connection."""
+    files = _csr_files(tmp_path, 40)
+    before = json.loads(soft_pki.ok("--json", "audit", "list").out)
+    out = tmp_path / "out"
+    r = run_process(soft_pki.home, "--json", "sign", *files, "--ca", "issuing",
+                    "--profile", "tls-client", "--out-dir", str(out), "--jobs", "2")
+    assert r.returncode == 0, r.stderr
+    report = json.loads(r.stdout)
+    assert sorted(x["source"] for x in report) == files
+    assert len({x["serial"] for x in report}) == 40
+    assert sorted(p.name for p in out.iterdir()) == [f"f{i:03d}.pem" for i in range(40)]
+    records = json.loads(soft_pki.ok("--json", "audit", "list").out)[len(before):]
+    logins = [x for x in records if x["action"] == "login"]
+    assert len(logins) == 1, logins
+    issued = [x for x in records if x["action"] == "issue" and x["outcome"] == "issued"]
+    assert len(issued) == 40
+    soft_pki.ok("audit", "verify")
+
+
+def test_a_failing_forked_child_is_one_error_line(soft_pki: Cli, tmp_path: Path) -> None:
+    files = _csr_files(tmp_path, 20)
+    out = tmp_path / "out"
+    (out / "f015.pem").mkdir(parents=True)  # in the child's half: its write fails
+    r = run_process(soft_pki.home, "sign", *files, "--ca", "issuing", "--profile",
+                    "tls-client", "--out-dir", str(out), "--jobs", "2")
+    assert r.returncode == 1
+    assert "Traceback" not in r.stderr
+    errors = [ln for ln in r.stderr.splitlines() if ln.startswith("Error:")]
+    assert len(errors) == 1 and "signing helper process failed" in errors[0], r.stderr
+    assert "cannot write" in errors[0] and "f015.pem" in errors[0]
+    soft_pki.ok("audit", "verify")  # what the child issued is recorded; nothing is half-done
+
+
+def test_authority_fork_is_for_the_built_in_engine_outside_transactions(
+    soft_pki: Cli,
+) -> None:
+    import hsm_ca
+    from hsm_ca.errors import EngineError
+
+    with hsm_ca.open_home(soft_pki.home, pin=USER_PIN) as authority:
+        with authority.store.transaction(), pytest.raises(EngineError, match="transaction"):
+            authority.fork()
+        pid = authority.fork()
+        if pid == 0:  # the child: a fresh connection that works, then leave at once
+            code = 0 if authority.store.conn.execute("SELECT count(*) FROM cas").fetchone()[0] else 3
+            os._exit(code)
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0
+        assert authority.list_cas()  # the parent's new connection works too

@@ -290,3 +290,13 @@ def test_helper_hello_failure_is_reported_not_raised() -> None:
             helper.submit(b"x", hashes.SHA256(), padding.PKCS1v15())
     finally:
         helper.close()
+
+
+def test_a_pkcs11_session_is_never_forked(tmp_path: Path) -> None:
+    """After C_Initialize a PKCS#11 library must not be used in a forked child."""
+    authority = _home(tmp_path)
+    try:
+        with pytest.raises(EngineError, match="built-in engine"):
+            authority.fork()
+    finally:
+        authority.close()
