@@ -10,7 +10,9 @@ Issuance follows one path for roots, intermediates and leaves:
 5. only then hand certificates back.
 
 A crash between 2 and 4 leaves an intent whose serial is never reused, never
-a certificate without a record.
+a certificate without a record. Large batches on a PKCS#11 token go through
+these steps in parts, overlapped with the token's signing in a helper
+process (see ``sign_csrs``); each part keeps the same order.
 """
 
 from __future__ import annotations
@@ -668,16 +670,16 @@ class Authority:
         )
         signer = CertificateAuthority(self, issuer) if issuer is not None else None
         if signer is None:
-            cert = self._issue_batch(
-                [draft], ca_name=name, issuer_name=subject, issuer_handle=handle,
+            cert = self._issue_batch([draft], self._context(
+                ca_name=name, issuer_name=subject, issuer_handle=handle,
                 issuer_key_type=key_type, issuer_cert=None, new_ca=(name, None, label, key_type),
-            )[0]
+            ))[0]
         else:
-            cert = self._issue_batch(
-                [draft], ca_name=issuer.name, issuer_name=issuer.subject,
+            cert = self._issue_batch([draft], self._context(
+                ca_name=issuer.name, issuer_name=issuer.subject,
                 issuer_handle=signer.key_handle(), issuer_key_type=issuer.key_type,
                 issuer_cert=issuer.certificate, new_ca=(name, parent, label, key_type),
-            )[0]
+            ))[0]
         if isinstance(cert, Refusal):
             raise cert.error
         return self.get_ca(name)
@@ -900,23 +902,8 @@ class Authority:
             capture=capturing_key(issuer_handle) if capture else None,
         )
 
-    def _issue_batch(
-        self,
-        drafts: list[_Draft],
-        *,
-        ca_name: str,
-        issuer_name: x509.Name,
-        issuer_handle: KeyHandle,
-        issuer_key_type: str,
-        issuer_cert: x509.Certificate | None,
-        new_ca: tuple[str, str | None, str, str] | None,
-        on_issued: Callable[[IssuedCertificate], None] | None = None,
-    ) -> list[IssuedCertificate | Refusal]:
-        ctx = self._context(
-            ca_name=ca_name, issuer_name=issuer_name, issuer_handle=issuer_handle,
-            issuer_key_type=issuer_key_type, issuer_cert=issuer_cert, new_ca=new_ca,
-            on_issued=on_issued,
-        )
+    def _issue_batch(self, drafts: list[_Draft], ctx: _IssueContext) -> list[IssuedCertificate | Refusal]:
+        """Reserve, sign in this process and store: the path for CAs and engine-held keys."""
         self._reserve(drafts, ctx)
         return self._store(drafts, self._sign(drafts, ctx), ctx)
 
@@ -1153,11 +1140,11 @@ class Authority:
             source=key_label,
         )
         signer = CertificateAuthority(self, ca)
-        result = self._issue_batch(
-            [draft], ca_name=ca.name, issuer_name=ca.subject, issuer_handle=signer.key_handle(),
+        result = self._issue_batch([draft], self._context(
+            ca_name=ca.name, issuer_name=ca.subject, issuer_handle=signer.key_handle(),
             issuer_key_type=ca.key_type, issuer_cert=ca.certificate, new_ca=None,
             on_issued=on_issued,
-        )[0]
+        ))[0]
         if isinstance(result, Refusal):
             raise result.error
         return IssuedCertificate(result.certificate, result.ca, result.profile,

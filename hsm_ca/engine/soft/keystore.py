@@ -140,7 +140,7 @@ class SoftEngine:
     """
 
     name = "soft"
-    # signatures are made by cryptography in this process (see Authority._issue_batch)
+    # signatures are made by cryptography in this process (see Authority._context)
     signatures_trusted = True
 
     def __init__(self, path: Path, replicas: Sequence[Path] = (), lock_path: Path | None = None,
