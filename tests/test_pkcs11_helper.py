@@ -67,7 +67,7 @@ def test_chunk_sizes_cover_the_batch_small_at_both_ends() -> None:
             assert sizes[0] == 4 and sizes[-1] == 4
 
 
-@pytest.mark.parametrize("key_type", ["rsa-2048", "ec-p256"])
+@pytest.mark.parametrize("key_type", ["rsa-2048", "ec-p256", "ed25519"])
 def test_a_large_batch_is_signed_by_the_helper_in_order(tmp_path: Path, key_type: str) -> None:
     authority = _home(tmp_path, key_type=key_type)
     try:
@@ -211,14 +211,17 @@ def test_helpers_end_with_the_engine_and_with_a_dead_parent(tmp_path: Path) -> N
     proc = subprocess.run([sys.executable, "-c", script], input=USER_PIN + "\n",
                           capture_output=True, text=True, timeout=120)
     pid = int(proc.stdout.split()[0])
+
+    def alive() -> bool:  # a zombie waiting for init to reap it has exited
+        try:
+            return "State:\tZ" not in Path(f"/proc/{pid}/status").read_text()
+        except FileNotFoundError:
+            return False
+
     deadline = time.monotonic() + 30
-    while time.monotonic() < deadline and Path(f"/proc/{pid}").exists():
-        status = Path(f"/proc/{pid}/status").read_text() if Path(f"/proc/{pid}").exists() else ""
-        if "State:\tZ" in status:
-            break
+    while alive() and time.monotonic() < deadline:
         time.sleep(0.05)
-    status = Path(f"/proc/{pid}/status").read_text() if Path(f"/proc/{pid}").exists() else ""
-    assert not status or "State:\tZ" in status, status
+    assert not alive(), f"signing helper {pid} outlived its killed parent"
 
 
 def test_a_helper_that_cannot_find_its_key_is_not_used(tmp_path: Path) -> None:
