@@ -738,7 +738,6 @@ class Authority:
         others, because signing in-line would leave the token idle for half
         the time.
         """
-        actor = self.actor()
         try:
             profile = self.profiles.get(profile_name)
             ca = self.get_ca(ca_name)
@@ -760,11 +759,7 @@ class Authority:
             if profile.is_ca:
                 path_length = self._child_path_length(ca, profile.path_length)
         except HsmCaError as e:
-            for source, data in csrs:
-                self.audit.append(
-                    actor, "issue", "refused", ca=ca_name, profile=profile_name,
-                    csr_sha256=hashlib.sha256(data).hexdigest(), detail=f"{source}: {e}",
-                )
+            self._refuse_all(ca_name, profile_name, e, raw=csrs)
             raise
         results: list[IssuedCertificate | Refusal | None] = [None] * len(csrs)
         helper: Any = None
@@ -789,18 +784,8 @@ class Authority:
                     try:
                         handle = CertificateAuthority(self, ca).key_handle()
                     except HsmCaError as e:
-                        for d in drafts:
-                            self.audit.append(
-                                actor, "issue", "refused", ca=ca_name, profile=profile_name,
-                                csr_sha256=d.csr_sha256, subject=d.subject_text,
-                                detail=f"{d.source}: {e}",
-                            )
-                        for source, data in csrs[offset:]:
-                            self.audit.append(
-                                actor, "issue", "refused", ca=ca_name, profile=profile_name,
-                                csr_sha256=hashlib.sha256(data).hexdigest(),
-                                detail=f"{source}: {e}",
-                            )
+                        self._refuse_all(ca_name, profile_name, e, drafts=drafts,
+                                         raw=csrs[offset:])
                         raise
                     if pipelined:
                         start = getattr(self.engine(), "signing_helper", None)
@@ -835,6 +820,25 @@ class Authority:
                     )
             self.maybe_checkpoint()
         return [r for r in results if r is not None]
+
+    def _refuse_all(
+        self, ca_name: str, profile_name: str, error: HsmCaError, *,
+        drafts: Sequence[_Draft] = (), raw: Sequence[tuple[str, bytes]] = (),
+    ) -> None:
+        """A refused record for every request a batch-wide error stopped, in one commit
+        (checked drafts name their subject; unchecked requests their bytes' SHA-256)."""
+        actor = self.actor()
+        with self.store.transaction():
+            for d in drafts:
+                self.audit.append(
+                    actor, "issue", "refused", ca=ca_name, profile=profile_name,
+                    csr_sha256=d.csr_sha256, subject=d.subject_text, detail=f"{d.source}: {error}",
+                )
+            for source, data in raw:
+                self.audit.append(
+                    actor, "issue", "refused", ca=ca_name, profile=profile_name,
+                    csr_sha256=hashlib.sha256(data).hexdigest(), detail=f"{source}: {error}",
+                )
 
     def _check_csrs(
         self, part: Sequence[tuple[str, bytes]], first: int, profile: Profile, ca: CaRecord,

@@ -475,9 +475,13 @@ def test_authority_fork_is_for_the_built_in_engine_outside_transactions(
         with authority.store.transaction(), pytest.raises(EngineError, match="transaction"):
             authority.fork()
         pid = authority.fork()
-        if pid == 0:  # the child: a fresh connection that works, then leave at once
-            code = 0 if authority.store.conn.execute("SELECT count(*) FROM cas").fetchone()[0] else 3
-            os._exit(code)
+        if pid == 0:  # the child: a fresh connection that works; never back into pytest
+            code = 3
+            try:
+                if authority.store.conn.execute("SELECT count(*) FROM cas").fetchone()[0]:
+                    code = 0
+            finally:
+                os._exit(code)
         _, status = os.waitpid(pid, 0)
         assert os.waitstatus_to_exitcode(status) == 0
         assert authority.list_cas()  # the parent's new connection works too

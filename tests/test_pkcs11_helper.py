@@ -49,7 +49,7 @@ def _ready_helper(authority: Authority) -> SigningHelper:
     return helper  # type: ignore[no-any-return]
 
 
-def _csrs(n: int, bad: set[int] = frozenset()) -> list[tuple[str, bytes]]:  # type: ignore[assignment]
+def _csrs(n: int, bad: frozenset[int] | set[int] = frozenset()) -> list[tuple[str, bytes]]:
     return [(f"c{i}", b"not a CSR" if i in bad else make_csr(f"h{i}.example.com"))
             for i in range(n)]
 
@@ -301,5 +301,26 @@ def test_a_pkcs11_session_is_never_forked(tmp_path: Path) -> None:
     try:
         with pytest.raises(EngineError, match="built-in engine"):
             authority.fork()
+    finally:
+        authority.close()
+
+
+def test_a_missing_ca_key_refuses_every_request_of_a_large_batch(tmp_path: Path) -> None:
+    """The key is looked up after the first part is checked: that part and every part not
+    yet checked get a refused record, all in one commit, and nothing is reserved."""
+    from hsm_ca.errors import KeyNotFound
+
+    authority = _home(tmp_path)
+    try:
+        authority.engine().destroy_key(authority.get_ca("issuing").key_label)
+        before = len(list(authority.audit.records()))
+        with pytest.raises(KeyNotFound):
+            authority.sign_csrs("issuing", _csrs(HELPER_MIN_BATCH + 36, bad={0}), "tls-client")
+        new = list(authority.audit.records())[before:]
+        assert [r["outcome"] for r in new] == ["refused"] * (HELPER_MIN_BATCH + 36)
+        assert len({r["detail"].split(":")[0] for r in new}) == HELPER_MIN_BATCH + 36
+        assert all(r["csr_sha256"] for r in new)
+        assert authority.store.conn.execute("SELECT count(*) FROM serials").fetchone()[0] == 2
+        assert authority.audit.verify().ok
     finally:
         authority.close()
