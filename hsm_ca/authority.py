@@ -433,7 +433,13 @@ class Authority:
             handle = self._new_key(self.AUDIT_KEY, "ec-p256", self.actor())
         if not self.store.get_meta("audit_cert"):
             now = _now()
-            name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "hsm-ca audit trail signer")])
+            from hsm_ca.audit import TRAIL_ATTRIBUTE_PREFIX
+
+            name = x509.Name([
+                x509.NameAttribute(NameOID.COMMON_NAME, "hsm-ca audit trail signer"),
+                x509.NameAttribute(NameOID.SERIAL_NUMBER,
+                                   TRAIL_ATTRIBUTE_PREFIX + self.audit.trail_id()),
+            ])
             cert = (
                 x509.CertificateBuilder().subject_name(name).issuer_name(name)
                 .public_key(handle.public_key()).serial_number(new_serial())  # type: ignore[arg-type]
@@ -455,25 +461,20 @@ class Authority:
         return x509.load_pem_x509_certificate(self.store.get_meta("audit_cert").encode())  # type: ignore[union-attr]
 
     def checkpoint(self, reason: str = "manual") -> int:
-        """Sign the audit chain head with the HSM audit key and append it as a record."""
-        import base64
-        import json as _json
-
-        from hsm_ca.audit import checkpoint_payload
+        """Sign the audit trail, up to and including this checkpoint's own record, with the HSM audit key."""
+        from cryptography.hazmat.primitives.asymmetric import ec
 
         handle = self._audit_key()
         key = as_private_key(handle)
-        with self.store.transaction():
-            seq, chain = self.audit._head()
-            from cryptography.hazmat.primitives.asymmetric import ec
+        algorithm = ec.ECDSA(signature_hash_for("ec-p256"))
 
-            signature = key.sign(checkpoint_payload(seq, chain), ec.ECDSA(signature_hash_for("ec-p256")))  # type: ignore[call-arg,arg-type]
-            new_seq = self.audit.append(
-                self.actor(), "checkpoint", "signed", key_label=handle.label,
-                detail=_json.dumps({"seq": seq, "chain": chain, "reason": reason,
-                                    "signature": base64.b64encode(signature).decode()},
-                                   sort_keys=True),
-            )
+        def sign(data: bytes) -> bytes:
+            return key.sign(data, algorithm)  # type: ignore[call-arg,arg-type,no-any-return]
+
+        with self.store.transaction():
+            new_seq = self.audit.append_checkpoint(
+                self.actor(), key_label=handle.label, trail=self.audit.trail_id(),
+                reason=reason, sign=sign)
             self.store.set_meta("audit_checkpoint", str(new_seq))
         return new_seq
 

@@ -62,20 +62,39 @@ def audit_list(since: int) -> None:
     metavar="EXPORT",
     help="Verify an exported trail (JSON Lines) offline; needs --trust.",
 )
+@click.option(
+    "--anchor",
+    "anchor_texts",
+    multiple=True,
+    metavar="SEQ:CHAIN",
+    help="A checkpoint noted earlier (from 'audit checkpoint'): the trail must still hold it "
+    "unchanged, so a trail cut back to an older checkpoint fails. Repeatable.",
+)
 @json_flag
-def audit_verify(trust_cert: str | None, export_file: str | None) -> None:
+def audit_verify(trust_cert: str | None, export_file: str | None,
+                 anchor_texts: tuple[str, ...]) -> None:
     """Check the whole trail and its signed checkpoints; exit 1 naming the first bad record."""
+    from hsm_ca.audit import parse_anchor, trail_of_certificate
     from hsm_ca.errors import UsageError
 
     st = state()
     trust_key = None
+    trail = None
+    anchors: dict[int, str] = {}
+    for text in anchor_texts:
+        try:
+            seq, chain = parse_anchor(text)
+        except ValueError as e:
+            raise UsageError(f"--anchor {text[:80]!r}: {e}") from None
+        anchors[seq] = chain
     if trust_cert:
         from cryptography import x509
 
         try:
-            trust_key = x509.load_pem_x509_certificate(read_input_file(trust_cert)).public_key()
+            cert = x509.load_pem_x509_certificate(read_input_file(trust_cert))
         except ValueError as e:
             raise UsageError(f"{trust_cert} is not a PEM certificate") from e
+        trust_key, trail = cert.public_key(), trail_of_certificate(cert)
     if export_file:
         from hsm_ca.audit import verify_export
 
@@ -85,9 +104,9 @@ def audit_verify(trust_cert: str | None, export_file: str | None) -> None:
             translate_os_errors(f"cannot read {export_file}"),
             open(export_file, encoding="utf-8") as fh,
         ):
-            report = verify_export(fh, trust_key)
+            report = verify_export(fh, trust_key, trail=trail, anchors=anchors)
     else:
-        report = st.authority().audit.verify(trust_key)
+        report = st.authority().audit.verify(trust_key, trail=trail, anchors=anchors)
     if st.as_json:
         emit_json(report.as_dict())
     elif report.ok:
@@ -105,11 +124,14 @@ def audit_verify(trust_cert: str | None, export_file: str | None) -> None:
 def audit_checkpoint(pin_file: str | None) -> None:
     """Sign the current head of the trail with the HSM audit key now."""
     st = state()
-    seq = st.authority(pin_file).checkpoint("manual")
+    auth = st.authority(pin_file)
+    seq = auth.checkpoint("manual")
+    chain = auth.audit.chain_of(seq)
     if st.as_json:
-        emit_json({"checkpoint": seq})
+        emit_json({"checkpoint": seq, "chain": chain, "anchor": f"{seq}:{chain}"})
     else:
         click.echo(f"Checkpoint {seq} signed")
+        click.echo(f"Anchor: {seq}:{chain}  (keep it off this host; 'audit verify --anchor' checks it)")
 
 
 @audit.command("cert")
