@@ -55,6 +55,8 @@ from hsm_ca.errors import (
     PolicyViolation,
     UsageError,
 )
+from hsm_ca.names import check_ca_name
+from hsm_ca.names import show as show_name
 from hsm_ca.profiles import Profile, ProfileStore
 from hsm_ca.serials import format_serial, new_serial, parse_serial
 from hsm_ca.store import Store
@@ -90,11 +92,8 @@ def cabf_max_days(now: _dt.datetime) -> int:
 
 
 def validate_ca_name(name: str) -> str:
-    """CA names appear in URLs and key labels, so keep them to a safe alphabet."""
-    if not name or len(name) > 64 or not all(c.isalnum() or c in "-_." for c in name) \
-            or name.startswith("."):
-        raise UsageError(f"invalid CA name {name!r}: use 1-64 letters, digits, '-', '_' or '.'")
-    return name
+    """CA names appear in URLs and key labels: the shared name rule (hsm_ca.names)."""
+    return check_ca_name(name)
 
 
 def _now() -> _dt.datetime:
@@ -573,7 +572,7 @@ class Authority:
         if row is None:
             known = [r["name"] for r in self.store.list_cas()]
             hint = f"; known CAs: {', '.join(known)}" if known else "; create one with 'hsm-ca ca create-root'"
-            raise NotFound(f"unknown CA {name!r}{hint}")
+            raise NotFound(f"unknown CA {show_name(name)}{hint}")
         record = _ca_from_row(row)
         self._ca_cache[name] = record
         return record
@@ -639,8 +638,12 @@ class Authority:
         profile_name = "root-ca" if parent is None else "intermediate-ca"
         actor = self.actor()
         try:
-            if self.store.get_ca(name) is not None:
-                raise AlreadyExists(f"a CA named {name!r} already exists")
+            taken = self.store.name_in_use("cas", "name", name)
+            if taken is not None:
+                raise AlreadyExists(
+                    f"a CA named {taken!r} already exists"
+                    + (" (names are unique regardless of case)" if taken != name else "")
+                )
             if not len(subject):
                 raise UsageError("the CA subject must not be empty")
             profile = self.profiles.get(profile_name)

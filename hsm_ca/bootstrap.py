@@ -202,14 +202,22 @@ class _Loader:
 
     def unique_name(self, table: str, index: int, entry: dict[str, Any], key: str,
                     validate: Callable[[str], str], taken: set[str]) -> str:
-        """A required name field that passes ``validate`` and is not used twice in the file."""
+        """A required name field that passes ``validate`` and is not used twice in the file.
+
+        Names are unique regardless of case (CLI.md "Names"), so ``ROOT`` after
+        ``root`` is a duplicate too.
+        """
+        from hsm_ca.names import fold
+
         value = self.get(entry, table, index, key, str, required=True)
         try:
             validate(value)
         except HsmCaError as e:
             raise self.fail(table, index, key, str(e)) from e
-        if value in taken:
-            raise self.fail(table, index, key, f"duplicate {table} {key} {value!r}")
+        clash = next((t for t in taken if fold(t) == fold(value)), None)
+        if clash is not None:
+            same = "" if clash == value else f" (same as {clash!r} regardless of case)"
+            raise self.fail(table, index, key, f"duplicate {table} {key} {value!r}{same}")
         return value
 
     def dn(self, table: str, index: int, key: str, text: str) -> x509.Name:
@@ -315,6 +323,12 @@ def load_spec(path: str | Path, profiles: ProfileStore | None = None,
         from hsm_ca.authority import validate_ca_name
 
         name = ld.unique_name("ca", i, entry, "name", validate_ca_name, {c.name for c in cas})
+        from hsm_ca.names import fold
+
+        home_name = next((k for k in existing if fold(k) == fold(name) and k != name), None)
+        if home_name is not None:  # 'apply' would otherwise plan a create that must fail
+            raise ld.fail("ca", i, "name", f"the home already has CA {home_name!r}; "
+                          "CA names are unique regardless of case")
         parent = ld.get(entry, "ca", i, "parent", str)
         path_length = ld.get(entry, "ca", i, "path_length", int)
         if path_length is not None and path_length < 0:
@@ -407,10 +421,10 @@ def load_spec(path: str | Path, profiles: ProfileStore | None = None,
     signers: list[SignerSpec] = []
     for i, entry in enumerate(data.get("signer", [])):
         ld.unknown("signer", i, entry, _SIGNER_KEYS)
-        from hsm_ca.engine.base import validate_label
+        from hsm_ca.names import check_name
 
-        label = ld.unique_name("signer", i, entry, "label", validate_label,
-                               {s.label for s in signers})
+        label = ld.unique_name("signer", i, entry, "label",
+                               lambda v: check_name(v, "signer label"), {s.label for s in signers})
         ca = ld.get(entry, "signer", i, "ca", str, required=True)
         if ca not in known:
             raise ld.fail("signer", i, "ca", f"unknown CA {ca!r}")

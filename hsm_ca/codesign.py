@@ -31,6 +31,7 @@ from hsm_ca.cms import (
     time_stamp_attribute,
 )
 from hsm_ca.errors import AlreadyExists, HsmCaError, NotFound, PolicyViolation, UsageError
+from hsm_ca.names import check_name, show
 from hsm_ca.x509util import rfc3339
 
 if TYPE_CHECKING:
@@ -54,15 +55,22 @@ class SignResult:
 # ------------------------------------------------------------------ signers
 def new_signer(authority: Authority, label: str, ca_name: str, subject: x509.Name, *,
                key_type: str = "ec-p256", days: int | None = None) -> dict[str, Any]:
-    from hsm_ca.engine.base import validate_label
+    check_name(label, "signer label")
 
-    validate_label(label)
-    if authority.store.get_row("signers", "label", label) is not None:
-        raise AlreadyExists(f"a code-signing signer labelled {label!r} already exists")
+    def refuse_taken() -> None:
+        taken = authority.store.name_in_use("signers", "label", label)
+        if taken is not None:
+            raise AlreadyExists(
+                f"a code-signing signer labelled {taken!r} already exists"
+                + (" (labels are unique regardless of case)" if taken != label else "")
+            )
+
+    refuse_taken()
     key_label = f"codesign-{label}"
     rows: list[dict[str, Any]] = []
 
     def record(issued: Any) -> None:  # committed with the certificate, or not at all
+        refuse_taken()  # again under the write lock: a concurrent new-signer may have won
         row = {"label": label, "ca": ca_name, "key_label": key_label, "serial": issued.serial,
                "pem": issued.pem, "created": rfc3339(_dt.datetime.now(_dt.UTC))}
         authority.store.upsert_row("signers", row, "label")
@@ -112,7 +120,7 @@ def sign_files(
     row = store.get_row("signers", "label", signer_label)
     try:
         if row is None:
-            raise NotFound(f"unknown signer {signer_label!r}; create one with 'hsm-ca codesign new-signer'")
+            raise NotFound(f"unknown signer {show(signer_label)}; create one with 'hsm-ca codesign new-signer'")
         info = signer_info(authority, row)
         if info["status"] != "valid":
             raise PolicyViolation(f"signer {signer_label!r} is {info['status']}; it cannot sign")

@@ -268,6 +268,11 @@ class Store:
 
     # --------------------------------------------------------------- CAs
     def insert_ca(self, row: dict[str, Any]) -> None:
+        taken = self.name_in_use("cas", "name", row["name"])
+        if taken is not None:  # a concurrent create of the same name in another case
+            from hsm_ca.errors import AlreadyExists
+
+            raise AlreadyExists(f"a CA named {taken!r} already exists (names ignore case)")
         self.db["cas"].insert(row)
 
     def get_ca(self, name: str) -> dict[str, Any] | None:
@@ -411,6 +416,17 @@ class Store:
     def get_row(self, table: str, pk: str, value: str) -> dict[str, Any] | None:
         rows = list(self.db[table].rows_where(f"{pk} = ?", [value]))
         return rows[0] if rows else None
+
+    def name_in_use(self, table: str, column: str, name: str) -> str | None:
+        """The stored name equal to ``name`` ignoring case, if any (CLI.md: names are
+        unique regardless of case). Called inside the creating transaction, whose
+        write lock makes check-then-insert atomic."""
+        if table not in ("cas", "signers", "tsa") or column not in ("name", "label"):
+            raise ValueError(f"no name column {table}.{column}")
+        row = self.conn.execute(
+            f"SELECT {column} FROM {table} WHERE lower({column}) = lower(?) LIMIT 1", (name,)
+        ).fetchone()
+        return row[0] if row else None
 
     def all_rows(self, table: str, order_by: str) -> list[dict[str, Any]]:
         return list(self.db[table].rows_where(order_by=order_by))

@@ -40,11 +40,18 @@ def create_tsa(
     name: str = DEFAULT_NAME,
 ) -> dict[str, Any]:
     """Generate the TSA key in the engine and certify it with the timestamping profile."""
-    store = authority.store
-    if store.get_row("tsa", "name", name) is not None:
-        from hsm_ca.errors import AlreadyExists
+    from hsm_ca.errors import AlreadyExists
+    from hsm_ca.names import check_name
 
-        raise AlreadyExists(f"a time-stamping authority named {name!r} already exists")
+    check_name(name, "time-stamping authority name")
+    store = authority.store
+
+    def refuse_taken() -> None:  # names are unique regardless of case (CLI.md "Names")
+        taken = store.name_in_use("tsa", "name", name)
+        if taken is not None:
+            raise AlreadyExists(f"a time-stamping authority named {taken!r} already exists")
+
+    refuse_taken()
     ca = authority.get_ca(ca_name)
     if key_type is None:
         key_type = "ec-p256" if ca.key_type == "ed25519" else ca.key_type
@@ -57,6 +64,7 @@ def create_tsa(
     rows: list[dict[str, Any]] = []
 
     def record(issued: Any) -> None:  # committed with the certificate, or not at all
+        refuse_taken()  # again under the write lock: a concurrent create may have won
         row = {"name": name, "ca": ca_name, "key_label": label, "serial": issued.serial,
                "pem": issued.pem, "policy": policy,
                "created": rfc3339(_dt.datetime.now(_dt.UTC))}

@@ -102,11 +102,11 @@ def validate_key_type(key_type: str) -> str:
 
 
 def validate_label(label: str) -> str:
-    """Labels become file keys and PKCS#11 CKA_LABELs: keep them printable and short."""
-    from hsm_ca.errors import UsageError
+    """Labels become file keys and PKCS#11 CKA_LABELs: the ASCII name rule (hsm_ca.names).
 
-    if not label or len(label) > 64 or not all(c.isalnum() or c in "-_." for c in label):
-        raise UsageError(
-            f"invalid key label {label!r}: use 1-64 letters, digits, '-', '_' or '.'"
-        )
-    return label
+    Longer than a name (MAX_KEY_LABEL), because derived labels put a prefix such
+    as ``codesign-`` before a name of up to 64 characters.
+    """
+    from hsm_ca.names import MAX_KEY_LABEL, check_name
+
+    return check_name(label, "key label", max_len=MAX_KEY_LABEL)
