@@ -728,12 +728,16 @@ class Authority:
     def sign_csrs(
         self,
         ca_name: str,
-        csrs: Sequence[tuple[str, bytes]],
+        csrs: Sequence[tuple[str, bytes | HsmCaError]],
         profile_name: str,
         *,
         days: int | None = None,
     ) -> list[IssuedCertificate | Refusal]:
         """Check and issue several CSRs (``(source, bytes)``) in one batch.
+
+        An ``HsmCaError`` in place of the bytes is a request that could not even
+        be read (too large, missing, a FIFO): it is refused and recorded here
+        like every other refusal, so each refused request leaves one record.
 
         Refused CSRs are recorded and returned as ``Refusal``; the others are
         issued with one commit for the intents and one for the certificates —
@@ -827,7 +831,7 @@ class Authority:
 
     def _refuse_all(
         self, ca_name: str, profile_name: str, error: HsmCaError, *,
-        drafts: Sequence[_Draft] = (), raw: Sequence[tuple[str, bytes]] = (),
+        drafts: Sequence[_Draft] = (), raw: Sequence[tuple[str, bytes | HsmCaError]] = (),
     ) -> None:
         """A refused record for every request a batch-wide error stopped, in one commit
         (checked drafts name their subject; unchecked requests their bytes' SHA-256)."""
@@ -841,11 +845,14 @@ class Authority:
             for source, data in raw:
                 self.audit.append(
                     actor, "issue", "refused", ca=ca_name, profile=profile_name,
-                    csr_sha256=hashlib.sha256(data).hexdigest(), detail=f"{source}: {error}",
+                    csr_sha256=None if isinstance(data, HsmCaError)
+                    else hashlib.sha256(data).hexdigest(),
+                    detail=f"{source}: {error}",
                 )
 
     def _check_csrs(
-        self, part: Sequence[tuple[str, bytes]], first: int, profile: Profile, ca: CaRecord,
+        self, part: Sequence[tuple[str, bytes | HsmCaError]], first: int, profile: Profile,
+        ca: CaRecord,
         days: int | None, now: _dt.datetime, path_length: int | None,
         results: list[IssuedCertificate | Refusal | None],
     ) -> list[_Draft]:
@@ -855,9 +862,11 @@ class Authority:
         actor = self.actor()
         drafts: list[_Draft] = []
         for i, (source, data) in enumerate(part, first):
-            digest = hashlib.sha256(data).hexdigest()
+            digest = None if isinstance(data, HsmCaError) else hashlib.sha256(data).hexdigest()
             csr = None
             try:
+                if isinstance(data, HsmCaError):  # could not be read: refused like the rest
+                    raise data
                 csr = load_csr(data, source)
                 digest = csr_sha256(csr)
                 checked = check_request(csr, profile)

@@ -153,11 +153,16 @@ def signed_attrs_bytes(signer_info: cms.SignerInfo) -> bytes:
 
 def stream_digest(path: str, digest_name: str, chunk: int = 1 << 20,
                   progress: Any = None) -> tuple[bytes, int, str]:
-    """Digest a file in chunks (never read whole); also its size and SHA-256 for the audit."""
+    """Digest a file in chunks (never read whole); also its size and SHA-256 for the audit.
+
+    Only a regular file (fileio.open_regular): any size, but never a FIFO or a device.
+    """
+    from hsm_ca.fileio import open_regular
+
     h = hashlib.new(digest_name)
     sha = hashlib.sha256()
     size = 0
-    with open(path, "rb") as fh:
+    with open_regular(path) as fh:
         while True:
             block = fh.read(chunk)
             if not block:

@@ -13,7 +13,6 @@ import hashlib
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from asn1crypto import cms, tsp
@@ -110,13 +109,22 @@ def sign_files(
     progress: Callable[[int], None] | None = None,
     write: Callable[[str, bytes], None] | None = None,
 ) -> list[SignResult]:
-    """Sign each file (detached CMS, DER), default output FILE.p7s."""
-    from hsm_ca.fileio import atomic_write
+    """Sign each file (detached CMS, DER), default output FILE.p7s.
 
-    write = write or (lambda p, d: atomic_write(p, d))
+    Every destination is checked and every input must be a regular file (a FIFO
+    or ``/dev/zero`` would block or stream forever) before the first signature.
+    """
+    from hsm_ca.fileio import InputError, OutputError, OutputFile, open_regular
+
+    def write_signature(path: str, data: bytes) -> None:
+        OutputFile(path, what="signature file").write(data)
+
+    write = write or write_signature
     store, audit, actor = authority.store, authority.audit, authority.actor()
     if output is not None and len(files) != 1:
         raise UsageError("-o SIGFILE works with one file; several files get FILE.p7s each")
+    for f in files:  # checked now; opened again (FIFOs, devices) when written
+        OutputFile(output or f"{f}.p7s", what="signature file").close()
     row = store.get_row("signers", "label", signer_label)
     try:
         if row is None:
@@ -145,15 +153,23 @@ def sign_files(
             audit.append(actor, "codesign", "refused", key_label=row["key_label"],
                          serial=row["serial"], detail=f"{f}: {e}")
         raise
+    for f in files:  # no file is signed when one of them cannot be
+        try:
+            open_regular(f, "file to sign").close()
+        except InputError as e:
+            audit.append(actor, "codesign", "refused", key_label=row["key_label"],
+                         serial=row["serial"], detail=str(e))
+            raise
     digest_name = digest_name_for(handle.key_type)
     results = []
     for f in files:
         try:
             digest, size, sha256 = stream_digest(f, digest_name, progress=progress)
-        except OSError as e:
+        except (OSError, InputError) as e:
+            reason = str(e) if isinstance(e, InputError) else f"cannot read {f}: {e.strerror}"
             audit.append(actor, "codesign", "refused", key_label=row["key_label"],
-                         serial=row["serial"], detail=f"{f}: cannot read ({e.strerror})")
-            raise HsmCaError(f"cannot read {f}: {e.strerror}") from e
+                         serial=row["serial"], detail=reason)
+            raise HsmCaError(reason) from e
         now = _dt.datetime.now(_dt.UTC).replace(microsecond=0)
 
         def stamp(signature: bytes, name: str = os.path.basename(f)) -> list[cms.CMSAttribute]:
@@ -173,7 +189,12 @@ def sign_files(
                      object_sha256=hashlib.sha256(der).hexdigest(),
                      detail=(f"file={os.path.basename(f)} size={size} sha256={sha256} "
                              f"signer={signer_label}" + (" timestamped" if tsa else "")))
-        write(target, der)
+        try:
+            write(target, der)
+        except (OSError, OutputError) as e:
+            reason = str(e) if isinstance(e, OutputError) else f"cannot write {target}: {e}"
+            raise OutputError(f"{reason}; {f} was signed and the signature recorded in the "
+                              "audit trail; sign it again for a new one") from None
         results.append(SignResult(f, target, size, sha256, signer_label, row["serial"], tsa is not None))
     authority.maybe_checkpoint()
     return results
@@ -342,10 +363,16 @@ def verify_file(path: str, sig_path: str, trust: list[x509.Certificate],
                 crls: list[x509.CertificateRevocationList] | None = None,
                 at: _dt.datetime | None = None) -> Verdict:
     """Check digest, signature, chain to ``trust`` with codeSigning, revocation and time stamp."""
+    from hsm_ca.fileio import SIGNATURE_BYTES, InputError, read_regular_file
+
     crls = crls or []
     try:
         try:
-            info = cms.ContentInfo.load(Path(sig_path).read_bytes())
+            sig_der = read_regular_file(sig_path, SIGNATURE_BYTES, "signature file")
+        except InputError as e:
+            raise _Invalid(str(e)) from None
+        try:
+            info = cms.ContentInfo.load(sig_der)
             if info["content_type"].native != "signed_data":
                 raise _Invalid("not a CMS SignedData")
             signed = info["content"]
@@ -366,6 +393,8 @@ def verify_file(path: str, sig_path: str, trust: list[x509.Certificate],
             raise _Invalid(f"digest algorithm {digest_name} is not accepted")
         try:
             digest, _size, _sha = stream_digest(path, digest_name)
+        except InputError as e:
+            raise _Invalid(str(e)) from None
         except OSError as e:
             raise _Invalid(f"cannot read {path}: {e.strerror}") from e
         md = _attr(si, "message_digest")

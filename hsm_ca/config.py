@@ -201,13 +201,16 @@ PinSource = Callable[[], str]
 
 
 def _read_pin_file(path: Path) -> str:
+    """A PIN from a regular file of at most fileio.PIN_FILE_BYTES (never /dev/zero or a FIFO)."""
+    from hsm_ca.fileio import PIN_FILE_BYTES, InputError, read_text_file, show_path
+
     try:
-        text = Path(path).read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as e:
-        raise ConfigError(f"cannot read PIN file {path}: {e.__class__.__name__}") from e
+        text = read_text_file(path, PIN_FILE_BYTES, "PIN file")
+    except InputError as e:
+        raise ConfigError(str(e)) from None
     pin = text.rstrip("\r\n")
     if not pin:
-        raise ConfigError(f"PIN file {path} is empty")
+        raise ConfigError(f"PIN file {show_path(path)} is empty")
     return pin
 
 

@@ -7,11 +7,10 @@ import click
 from hsm_ca.cli.base import (
     emit_json,
     json_flag,
+    output_file,
     read_input_file,
     report_rows,
     state,
-    translate_os_errors,
-    write_output,
 )
 from hsm_ca.cli.options import pin_file_option
 
@@ -91,7 +90,8 @@ def audit_verify(trust_cert: str | None, export_file: str | None,
         from cryptography import x509
 
         try:
-            cert = x509.load_pem_x509_certificate(read_input_file(trust_cert))
+            cert = x509.load_pem_x509_certificate(
+                read_input_file(trust_cert, what="certificate file"))
         except ValueError as e:
             raise UsageError(f"{trust_cert} is not a PEM certificate") from e
         trust_key, trail = cert.public_key(), trail_of_certificate(cert)
@@ -100,11 +100,13 @@ def audit_verify(trust_cert: str | None, export_file: str | None,
 
         if trust_key is None:
             raise UsageError("--file needs --trust CERT (the audit signer's certificate)")
-        with (
-            translate_os_errors(f"cannot read {export_file}"),
-            open(export_file, encoding="utf-8") as fh,
-        ):
-            report = verify_export(fh, trust_key, trail=trail, anchors=anchors)
+        from hsm_ca.fileio import AUDIT_EXPORT_BYTES, AUDIT_LINE_BYTES, LineReader
+
+        # line by line, each line and the whole bounded: an export can be large, and
+        # /dev/zero or a FIFO is refused before anything is read
+        with LineReader(export_file, line_limit=AUDIT_LINE_BYTES, total_limit=AUDIT_EXPORT_BYTES,
+                        what="audit export") as lines:
+            report = verify_export(lines, trust_key, trail=trail, anchors=anchors)
     else:
         report = st.authority().audit.verify(trust_key, trail=trail, anchors=anchors)
     if st.as_json:
@@ -141,10 +143,12 @@ def audit_cert(output: str | None, pin_file: str | None) -> None:
     """Write the audit signer's certificate (PEM), for 'audit verify --trust'."""
     from hsm_ca.x509util import cert_pem
 
+    dest = output_file(output, what="certificate file") if output else None
+    if dest is not None:
+        click.get_current_context().call_on_close(dest.close)
     pem = cert_pem(state().authority(pin_file).audit_certificate())
-    if output:
-        with translate_os_errors(f"cannot write {output}"):
-            write_output(output, pem.encode())
+    if dest is not None:
+        dest.write(pem.encode())
     else:
         click.echo(pem, nl=False)
 
@@ -165,13 +169,15 @@ def audit_export(output: str | None, no_checkpoint: bool, pin_file: str | None) 
     from hsm_ca.config import PIN_ENV
 
     st = state()
+    dest = output_file(output, what="audit export") if output else None  # before the checkpoint
+    if dest is not None:
+        click.get_current_context().call_on_close(dest.close)
     auth = st.authority(pin_file)
     if not no_checkpoint and (pin_file or st.pin_file or os.environ.get(PIN_ENV)):
         auth.checkpoint("export")
     lines = [json.dumps(r, sort_keys=True, separators=(",", ":")) for r in auth.audit.records()]
     data = "".join(line + "\n" for line in lines)
-    if output:
-        with translate_os_errors(f"cannot write {output}"):
-            write_output(output, data.encode())
+    if dest is not None:
+        dest.write(data.encode())
     else:
         click.echo(data, nl=False)

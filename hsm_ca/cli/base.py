@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from typing import TYPE_CHECKING, Any
 
 import click
@@ -91,6 +91,12 @@ class HsmCaGroup(click.Group):
             if isinstance(e, HsmCaError):
                 click.echo(f"Error: {_one_line(str(e))}", err=True)
                 return e.exit_code
+            if isinstance(e, OSError) and e.strerror:  # e.g. stdout on a full disk
+                from hsm_ca.fileio import show_path
+
+                where = f" ({show_path(e.filename)})" if e.filename else ""
+                click.echo(f"Error: {e.strerror}{where}", err=True)
+                return 1
             click.echo(
                 f"Error: internal error ({type(e).__name__}); run with --debug for details",
                 err=True,
@@ -154,11 +160,44 @@ def print_table(columns: list[str], rows: list[list[Any]], title: str | None = N
     console.print(table)
 
 
-def write_output(path: str | Path, data: bytes, mode: int = 0o644) -> None:
-    """Write a command's output file atomically (see fileio.atomic_write)."""
-    from hsm_ca.fileio import atomic_write
+def output_file(path: str | Path, mode: int = 0o644, what: str = "output file") -> Any:
+    """A command's output file, checked now, before the work (see fileio.OutputFile)."""
+    from hsm_ca.fileio import OutputFile
 
-    atomic_write(path, data, mode)
+    return OutputFile(path, mode, what)
+
+
+def write_output(path: str | Path, data: bytes, mode: int = 0o644) -> None:
+    """Check and write a command's output file atomically (no work was done for it)."""
+    with output_file(path, mode) as out:
+        out.write(data)
+
+
+def echo_after(text: str | bytes, done: str) -> None:
+    """Print a result on stdout after work was ``done``; a failed write says what was done.
+
+    ``hsm-ca sign x.csr > /dev/full`` must not lose the serial of the
+    certificate it issued: the error (on stderr) names it.
+    """
+    import os
+
+    try:
+        if isinstance(text, bytes):
+            sys.stdout.flush()
+            sys.stdout.buffer.write(text)
+            sys.stdout.buffer.flush()
+        else:
+            click.echo(text, nl=False)
+            sys.stdout.flush()
+    except OSError as e:
+        from hsm_ca.fileio import OutputError
+
+        # nothing more can go to this stdout; keep the exit-time flush from failing again
+        with suppress(OSError, ValueError):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        raise OutputError(
+            f"cannot write to standard output: {e.strerror or type(e).__name__}; {done}"
+        ) from None
 
 
 @contextmanager
@@ -172,11 +211,8 @@ def translate_os_errors(what: str) -> Iterator[None]:
         raise HsmCaError(f"{what}: {reason}") from e
 
 
-def read_input_file(path: str, limit: int = 1 << 20) -> bytes:
-    with translate_os_errors(f"cannot read {path}"), open(path, "rb") as fh:
-        data = fh.read(limit + 1)
-    if len(data) > limit:
-        from hsm_ca.errors import UsageError
+def read_input_file(path: str, limit: int | None = None, what: str = "file") -> bytes:
+    """A user-named input: a regular file within ``limit`` (see fileio for the limits)."""
+    from hsm_ca.fileio import PEM_BYTES, read_regular_file
 
-        raise UsageError(f"{path} is larger than {limit} bytes")
-    return data
+    return read_regular_file(path, PEM_BYTES if limit is None else limit, what)

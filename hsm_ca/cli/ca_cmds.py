@@ -7,9 +7,9 @@ import click
 from hsm_ca.cli.base import (
     emit_json,
     json_flag,
+    output_file,
     report_rows,
     state,
-    translate_os_errors,
     write_output,
 )
 from hsm_ca.cli.options import KEY_TYPE_CHOICE, pin_file_option
@@ -130,8 +130,7 @@ def ca_export(name: str, chain: bool, output: str | None) -> None:
     certs = auth.chain(name) if chain else [auth.get_ca(name).certificate]
     pem = "".join(cert_pem(c) for c in certs)
     if output:
-        with translate_os_errors(f"cannot write {output}"):
-            write_output(output, pem.encode())
+        write_output(output, pem.encode())
         if state().as_json:
             emit_json({"ca": name, "file": output, "certificates": len(certs)})
     else:
@@ -155,10 +154,13 @@ def ca_ocsp_responder(
 ) -> None:
     """Issue (or renew) CA NAME's delegated OCSP responder certificate (key in the HSM)."""
     st = state()
+    dest = output_file(output, what="certificate file") if output else None  # before issuing
+    if dest is not None:
+        click.get_current_context().call_on_close(dest.close)
     issued = st.authority(pin_file).create_ocsp_responder(name, key_type=key_type, days=days)
-    if output:
-        with translate_os_errors(f"cannot write {output}"):
-            write_output(output, issued.pem.encode())
+    if dest is not None:
+        dest.write(issued.pem.encode(), done=f"certificate {issued.serial} was issued and "
+                   f"recorded: 'hsm-ca show {issued.serial}' prints it")
     info = issued.as_dict()
     if st.as_json:
         emit_json(info)

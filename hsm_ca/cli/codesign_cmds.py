@@ -10,7 +10,6 @@ from hsm_ca.cli.base import (
     read_input_file,
     report_rows,
     state,
-    translate_os_errors,
     write_output,
 )
 from hsm_ca.cli.options import KEY_TYPE_CHOICE, pin_file_option
@@ -87,15 +86,18 @@ def codesign_sign(
 ) -> None:
     """Write a detached CMS signature (DER) for each FILE."""
     import os
+    import stat
+    from contextlib import suppress
 
     from hsm_ca.codesign import sign_files
 
     st = state()
     auth = st.authority(pin_file)
     total = 0
-    for f in files:
-        with translate_os_errors(f"cannot read {f}"):
-            total += os.path.getsize(f)
+    for f in files:  # for the progress bar; sign_files checks (and audits) unusable files
+        with suppress(OSError, ValueError):
+            info = os.stat(f)
+            total += info.st_size if stat.S_ISREG(info.st_mode) else 0
     if len(files) > 1 and not st.as_json:
         from rich.progress import Progress
 
@@ -163,14 +165,15 @@ def codesign_verify(
 
     from hsm_ca.codesign import verify_file
     from hsm_ca.errors import UsageError
+    from hsm_ca.fileio import CRL_BYTES
 
     try:
-        roots = x509.load_pem_x509_certificates(read_input_file(trust_pem))
+        roots = x509.load_pem_x509_certificates(read_input_file(trust_pem, what="trust file"))
     except ValueError as e:
         raise UsageError(f"{trust_pem} holds no PEM certificate") from e
     crls = []
     for f in crl_files:
-        data = read_input_file(f, limit=256 << 20)
+        data = read_input_file(f, CRL_BYTES, what="CRL file")
         try:
             crls.append(
                 x509.load_pem_x509_crl(data)
@@ -241,7 +244,6 @@ def tsa_export(output: str | None) -> None:
     if row is None:
         raise NotFound("no time-stamping authority; create one with 'hsm-ca tsa create --ca NAME'")
     if output:
-        with translate_os_errors(f"cannot write {output}"):
-            write_output(output, row["pem"].encode())
+        write_output(output, row["pem"].encode())
     else:
         click.echo(row["pem"], nl=False)

@@ -167,9 +167,13 @@ def hsm_user_change_pin(name: str, new_pin_file: str | None, so_pin_file: str | 
 @json_flag
 def hsm_backup(output: str, scrypt_n: int | None, so_pin_file: str | None) -> None:
     """Write the partition and the database, encrypted under the officer PIN."""
+    from hsm_ca.fileio import OutputFile
     from hsm_ca.hsm_admin import BACKUP_SCRYPT_N, backup
 
     st = state()
+    # checked before the officer login, the KDF and the snapshot: a backup that cannot be
+    # written is refused before any of that work; backup() then writes it atomically
+    OutputFile(output, 0o600, what="backup file").close()
     with translate_os_errors(f"cannot write {output}"):
         info = backup(
             st.authority(), _so_pin(so_pin_file), Path(output), scrypt_n=scrypt_n or BACKUP_SCRYPT_N
@@ -186,10 +190,11 @@ def hsm_backup(output: str, scrypt_n: int | None, so_pin_file: str | None) -> No
 @json_flag
 def hsm_restore(file: str, so_pin_file: str | None) -> None:
     """Recreate a whole CA home (which must not exist yet) from a backup."""
+    from hsm_ca.fileio import BACKUP_BYTES
     from hsm_ca.hsm_admin import restore_into
 
     st = state()
-    blob = read_input_file(file, limit=1 << 30)
+    blob = read_input_file(file, BACKUP_BYTES, what="backup file")
     restore_into(blob, _so_pin(so_pin_file), st.home).close()
     _done({"restored": file, "home": str(st.home)}, f"Restored {file} into {st.home}")
 

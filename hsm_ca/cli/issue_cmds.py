@@ -9,16 +9,16 @@ from typing import Any
 import click
 
 from hsm_ca.cli.base import (
+    echo_after,
     emit_json,
     json_flag,
-    read_input_file,
+    output_file,
     report_rows,
     state,
-    translate_os_errors,
-    write_output,
 )
 from hsm_ca.cli.options import Path, pin_file_option
-from hsm_ca.fileio import atomic_write, sync_directory
+from hsm_ca.errors import HsmCaError
+from hsm_ca.fileio import sync_directory
 
 
 # ----------------------------------------------------------------- issuing
@@ -74,9 +74,13 @@ def sign(
             raise UsageError(
                 f"several CSR files share the name {dupes[0]!r}; --out-dir needs unique stems"
             )
-        if not Path(out_dir).is_dir():
-            with translate_os_errors(f"cannot create {out_dir}"):
-                Path(out_dir).mkdir(parents=True, exist_ok=True)
+        from hsm_ca.fileio import check_output_dir
+
+        check_output_dir(out_dir)
+    # the destination is checked before a serial is spent on it
+    dest = output_file(output, what="certificate file") if output else None
+    if dest is not None:
+        click.get_current_context().call_on_close(dest.close)
     auth = st.authority(pin_file)
     if out_dir:
         helpers: list[Any] = []
@@ -95,23 +99,23 @@ def sign(
         sync_directory(Path(out_dir))
         _report(st, report)
         return
-    data = read_input_file(csr_files[0])
-    result = auth.sign_csrs(ca_name, [(csr_files[0], data)], profile, days=days)[0]
+    result = auth.sign_csrs(ca_name, [(csr_files[0], read_csr(csr_files[0]))], profile,
+                            days=days)[0]
     if not isinstance(result, IssuedCertificate):
         raise result.error
     pem = result.pem + ("".join(cert_pem(c) for c in result.chain) if chain else "")
     info = result.as_dict()
-    if output:
-        with translate_os_errors(f"cannot write {output}"):
-            write_output(output, pem.encode())
+    done = _issued_note(info["serial"])
+    if dest is not None:
+        dest.write(pem.encode(), done=done)
         info["file"] = output
     if st.as_json:
         if not output:
             info["pem"] = pem
-        emit_json(info)
+        echo_after(_json_text(info), done)
     else:
         if not output:
-            click.echo(pem, nl=False)
+            echo_after(pem, done)
         msg = (
             f"Issued {info['serial']} to {info['subject'] or '(empty subject)'} "
             f"(profile {profile}, CA {ca_name}, valid until {info['not_after']})"
@@ -129,43 +133,67 @@ def _issue_to_dir(
     from hsm_ca.x509util import cert_pem
 
     report: list[dict[str, Any]] = []
-    inputs: list[tuple[str, bytes]] = []
-    for f in files:
-        try:
-            inputs.append((f, read_input_file(f)))
-        except HsmCaError as e:
-            report.append({"source": f, "error": str(e), "refused": True})
+    # unreadable inputs go in too: the authority records every refusal the same way
+    inputs = [(f, read_csr(f)) for f in files]
     for result in auth.sign_csrs(ca_name, inputs, profile, days=days) if inputs else []:
         if not isinstance(result, IssuedCertificate):
             report.append(result.as_dict())
             continue
         target = out_dir / f"{Path(result.source or result.serial).stem}.pem"
         pem = result.pem + ("".join(cert_pem(c) for c in result.chain) if chain else "")
-        with translate_os_errors(f"cannot write {target}"):
-            # the certificate is already durable in the database (and can be exported
-            # again); one directory sync at the end instead of two per file
-            atomic_write(target, pem.encode(), 0o644, durable=False)
         info = result.as_dict()
         info["source"] = result.source
         info["file"] = str(target)
+        try:
+            # the certificate is already durable in the database (and can be exported
+            # again); one directory sync at the end instead of two per file
+            output_file(target, what="certificate file").write(
+                pem.encode(), durable=False, done=_issued_note(info["serial"]))
+        except HsmCaError as e:
+            info["written"] = False
+            info["error"] = str(e)
         report.append(info)
     return report
 
 
+def read_csr(path: str) -> bytes | HsmCaError:
+    """A CSR file's bytes, or why it cannot be read (a refusal the authority records)."""
+    from hsm_ca.fileio import CSR_BYTES, read_regular_file
+
+    try:
+        return read_regular_file(path, CSR_BYTES, "CSR file")
+    except HsmCaError as e:
+        return e
+
+
+def _issued_note(serial: str) -> str:
+    return f"certificate {serial} was issued and recorded: 'hsm-ca show {serial}' prints it"
+
+
+def _json_text(obj: Any) -> str:
+    import json
+
+    return json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n"
+
+
 def _report(st: Any, report: list[dict[str, Any]]) -> None:
     refused = sum(1 for r in report if r.get("refused"))
+    unwritten = sum(1 for r in report if r.get("written") is False)
     if st.as_json:
         emit_json(report)
     else:
         lines = [f"Issued {r['serial']} {r['source']} -> {r['file']}"
-                 for r in report if not r.get("refused")]
+                 for r in report if not r.get("refused") and r.get("written") is not False]
         if lines:
             click.echo("\n".join(lines))
         for r in report:
             if r.get("refused"):
                 click.echo(f"Refused {r['source']}: {r['error']}", err=True)
-        click.echo(f"{len(report) - refused} issued, {refused} refused", err=True)
-    if refused:
+            elif r.get("written") is False:
+                click.echo(f"Not written {r['source']}: {r['error']}", err=True)
+        click.echo(f"{len(report) - refused} issued, {refused} refused"
+                   + (f", {unwritten} not written" if unwritten else ""), err=True)
+    if refused or unwritten:
         raise click.exceptions.Exit(1)
 
 

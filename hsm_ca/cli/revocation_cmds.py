@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from hsm_ca.cli.base import emit_json, json_flag, state, translate_os_errors, write_output
+from hsm_ca.cli.base import echo_after, emit_json, json_flag, output_file, state
 from hsm_ca.cli.options import pin_file_option
 
 # -------------------------------------------------------------- revocation
@@ -53,11 +53,15 @@ def revoke(serial: str, reason: str, invalidity_date: object) -> None:
 def crl(name: str, der: bool, delta: bool, output: str | None, pin_file: str | None) -> None:
     """Sign a fresh CRL for CA NAME with the next CRL number."""
     st = state()
+    dest = output_file(output, what="CRL file") if output else None  # checked before signing
+    if dest is not None:
+        click.get_current_context().call_on_close(dest.close)
     result = st.authority(pin_file).crl(name, delta=delta)
     data = result.der() if der else result.pem()
-    if output:
-        with translate_os_errors(f"cannot write {output}"):
-            write_output(output, data)
+    done = (f"CRL {result.number} of {name} was signed and recorded; "
+            f"'hsm-ca crl {name}' signs a new one")
+    if dest is not None:
+        dest.write(data, done=done)
     if st.as_json:
         info = result.as_dict()
         if output:
@@ -67,14 +71,7 @@ def crl(name: str, der: bool, delta: bool, output: str | None, pin_file: str | N
         emit_json(info)
         return
     if not output:
-        if der:
-            import sys
-
-            sys.stdout.flush()
-            sys.stdout.buffer.write(data)
-            sys.stdout.buffer.flush()
-        else:
-            click.echo(data.decode("ascii"), nl=False)
+        echo_after(data if der else data.decode("ascii"), done)
     click.echo(
         f"CRL {result.number} of {name}: {result.entries} entries"
         + (f" (delta on {result.delta_base})" if delta else "")
