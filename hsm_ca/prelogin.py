@@ -6,6 +6,15 @@ derivation runs on the keystore's KDF parameters *as read*, unauthenticated;
 login authenticates the keystore first and uses the early result only when
 salt and parameters match exactly, so a forged file can at worst waste the
 early work. Only the standard library is imported here, to start at once.
+
+What the thread computes is only the key-encryption key; the verdict on the
+PIN (does that key unwrap the master key?) is reached in login, after the
+attempt has been counted under the keystore lock, so starting early never lets
+a guess be judged without counting. The thread is not a daemon: the
+interpreter waits for it before finalising, because exiting while scrypt runs
+inside OpenSSL lets libcrypto's exit handlers free what the thread still uses
+(a segfault, exit 139, seen under load on commands that fail fast). Nothing
+it meets, however malformed the header, is printed: login reports it.
 """
 
 from __future__ import annotations
@@ -15,6 +24,8 @@ import hashlib
 import json
 import threading
 from pathlib import Path
+
+from hsm_ca import kdf
 
 _JOBS: dict[tuple[bytes, int, int, int, bytes], threading.Thread] = {}
 _RESULTS: dict[tuple[bytes, int, int, int, bytes], bytes] = {}
@@ -29,22 +40,25 @@ def start(partition: Path, user: str, pin: str) -> None:
     try:
         body = (Path(partition) / "keystore").read_bytes().split(b"\n", 1)[0]
         state = json.loads(body)
-        kdf = state["kdf"]
+        params = state["kdf"]
         salt = base64.b64decode(state["users"][user]["salt"])
-        n, r, p = int(kdf["n"]), int(kdf["r"]), int(kdf["p"])
-    except (OSError, ValueError, KeyError, TypeError):
+        n, r, p = int(params["n"]), int(params["r"]), int(params["p"])
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, RecursionError):
         return  # login will find and report whatever is wrong
-    if n > 2**20 or r > 32 or p > 4:  # never let an unauthenticated header pick a huge cost
+    if kdf.scrypt_problem(n, r, p) is not None:  # an unauthenticated header picks no cost
         return
     key = _key(salt, n, r, p, pin)
     if key in _JOBS:
         return
 
     def run() -> None:
-        _RESULTS[key] = hashlib.scrypt(pin.encode("utf-8"), salt=salt, n=n, r=r, p=p,
-                                       maxmem=256 * 1024 * 1024, dklen=32)
+        try:
+            _RESULTS[key] = kdf.derive(pin, salt, n, r, p)
+        except BaseException:  # noqa: BLE001 - login derives again and reports the problem
+            return
 
-    job = threading.Thread(target=run, name="hsm-ca-kdf", daemon=True)
+    # not a daemon: interpreter exit waits for it (see the module docstring)
+    job = threading.Thread(target=run, name="hsm-ca-kdf", daemon=False)
     _JOBS[key] = job
     job.start()
 

@@ -38,6 +38,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 from cryptography.hazmat.primitives.asymmetric.types import PublicKeyTypes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
+from hsm_ca import kdf
 from hsm_ca.engine.base import (
     MAX_FAILED_LOGINS,
     KeySpec,
@@ -173,8 +174,11 @@ class SoftEngine:
         path = Path(path)
         if (path / KEYSTORE).exists():
             raise AlreadyExists(f"an HSM partition already exists at {path}")
-        if scrypt_n < MIN_SCRYPT_N or scrypt_n & (scrypt_n - 1):
-            raise UsageError(f"scrypt cost must be a power of two >= {MIN_SCRYPT_N}")
+        if kdf.scrypt_problem(scrypt_n, 8, 1) is not None or scrypt_n < MIN_SCRYPT_N:
+            raise UsageError(
+                f"scrypt cost must be a power of two from {MIN_SCRYPT_N} to "
+                f"{kdf.MAX_WORK // (128 * 8)}"
+            )
         path.mkdir(parents=True, exist_ok=True, mode=0o700)
         os.chmod(path, 0o700)
         write_private_file(path / PARTITION_KEY, secrets.token_bytes(32))
@@ -220,8 +224,15 @@ class SoftEngine:
             state = json.loads(body)
         except ValueError as e:  # authenticated yet unparsable: treat as tampering
             raise Tampered(f"HSM keystore {node / KEYSTORE} is corrupt") from e
-        if state.get("format") != FORMAT or state.get("version") != VERSION:
+        if not isinstance(state, dict) or state.get("format") != FORMAT or \
+                state.get("version") != VERSION:
             raise EngineError(f"unsupported HSM keystore format at {node}")
+        params = state.get("kdf")
+        problem = (kdf.scrypt_problem(params.get("n"), params.get("r"), params.get("p"))
+                   if isinstance(params, dict) and params.get("name") == "scrypt"
+                   else "no scrypt parameters")
+        if problem is not None:  # authentic yet absurd: only someone with the key wrote it
+            raise Tampered(f"HSM keystore {node / KEYSTORE} has been tampered with: {problem}")
         return state, raw, key
 
     def _read(self) -> dict[str, Any]:
@@ -378,16 +389,17 @@ class SoftEngine:
 
     # ------------------------------------------------------------ users, MK
     def _kek(self, state: dict[str, Any], salt: bytes, pin: str) -> bytes:
-        kdf = state["kdf"]
+        """The PIN's key-encryption key: no verdict on the PIN yet, only _unwrap gives one."""
+        params = state["kdf"]
         from hsm_ca import prelogin
 
-        early = prelogin.take(salt, kdf["n"], kdf["r"], kdf["p"], pin)
+        early = prelogin.take(salt, params["n"], params["r"], params["p"], pin)
         if early is not None:
             return early
-        return hashlib.scrypt(
-            pin.encode("utf-8"), salt=salt, n=kdf["n"], r=kdf["r"], p=kdf["p"],
-            maxmem=256 * 1024 * 1024, dklen=32,
-        )
+        try:
+            return kdf.derive(pin, salt, params["n"], params["r"], params["p"])
+        except ValueError as e:  # bounded in _read_node already; a last line of defence
+            raise Tampered(f"HSM keystore KDF parameters have been tampered with: {e}") from e
 
     def _user_aad(self, state: dict[str, Any], name: str, role: str) -> bytes:
         return canonical_json({"partition_id": state["partition_id"], "user": name, "role": role})
@@ -409,52 +421,69 @@ class SoftEngine:
             "created": _now(),
         }
 
-    def _unwrap(self, state: dict[str, Any], name: str, pin: str) -> bytes | None:
+    def _unwrap(self, state: dict[str, Any], name: str, kek: bytes) -> bytes | None:
+        """The verdict on a PIN: its key unwraps the master key (authenticated) or it does not."""
         rec = state["users"][name]
         blob = _unb64(rec["wrapped_mk"])
         try:
-            return AESGCM(self._kek(state, _unb64(rec["salt"]), pin)).decrypt(
-                blob[:12], blob[12:], self._user_aad(state, name, rec["role"])
-            )
+            return AESGCM(kek).decrypt(blob[:12], blob[12:], self._user_aad(state, name, rec["role"]))
         except InvalidTag:
             return None
 
     def login(self, user: str, pin: str) -> None:
-        """Log in; wrong PINs count towards a persisted, authenticated lockout."""
+        """Log in; every attempt is counted, durably, before its PIN is judged.
+
+        The lockout must hold however many processes guess at once: under the
+        keystore lock the attempt is reserved (the failure counter raised and
+        written to every node), then judged and settled within the same hold -
+        reset on success, the user locked at the limit - so at most
+        MAX_FAILED_LOGINS wrong PINs are ever judged between successes, and a
+        process killed mid-way has spent its attempt. The KDF, the slow part,
+        runs before the lock: its output says nothing about the PIN until it
+        is tried on the wrapped master key, which happens only after reserving.
+        """
         self.logout()
         state = self._read()
         rec = state["users"].get(user)
         if rec is None:
             raise LoginFailed(f"no HSM user named {user!r}")
         if rec["locked"]:
-            raise LockedOut(
-                f"HSM user {user!r} is locked after {MAX_FAILED_LOGINS} failed logins; "
-                "a crypto officer must unlock it (hsm-ca hsm user unlock)"
-            )
-        mk = self._unwrap(state, user, pin)
-        if mk is None:
-            with self._locked() as fresh:
-                frec = fresh["users"].get(user)
-                if frec is None:
-                    raise LoginFailed(f"no HSM user named {user!r}")
-                frec["failed_logins"] += 1
-                if frec["failed_logins"] >= MAX_FAILED_LOGINS:
-                    frec["locked"] = True
+            raise self._locked_out(user)
+        kek = self._kek(state, _unb64(rec["salt"]), pin)  # no verdict yet
+        with self._locked() as fresh:
+            frec = fresh["users"].get(user)
+            if frec is None:
+                raise LoginFailed(f"no HSM user named {user!r}")
+            if frec["locked"] or frec["failed_logins"] >= MAX_FAILED_LOGINS:
+                raise self._locked_out(user)
+            if frec["salt"] != rec["salt"] or fresh["kdf"] != state["kdf"]:
+                kek = self._kek(fresh, _unb64(frec["salt"]), pin)  # the PIN changed meanwhile
+            frec["failed_logins"] += 1
+            self._write(fresh)  # the attempt is reserved before it is judged
+            mk = self._unwrap(fresh, user, kek)
+            if mk is not None:
+                frec["failed_logins"] = 0
                 self._write(fresh)
-            if frec["locked"]:
+            elif frec["failed_logins"] >= MAX_FAILED_LOGINS:
+                frec["locked"] = True
+                self._write(fresh)
+            failed, role = frec["failed_logins"], frec["role"]
+        if mk is None:
+            if failed >= MAX_FAILED_LOGINS:
                 raise LockedOut(
                     f"wrong PIN for HSM user {user!r}; the user is now locked after "
                     f"{MAX_FAILED_LOGINS} failed logins"
                 )
-            left = MAX_FAILED_LOGINS - frec["failed_logins"]
+            left = MAX_FAILED_LOGINS - failed
             raise LoginFailed(f"wrong PIN for HSM user {user!r} ({left} attempts left)")
-        if rec["failed_logins"]:
-            with self._locked() as fresh:
-                if fresh["users"].get(user, {}).get("locked"):
-                    raise LockedOut(f"HSM user {user!r} is locked")
-                fresh["users"][user]["failed_logins"] = 0
-                self._write(fresh)
-        self._mk, self._user, self._role = mk, user, Role(rec["role"])
+        self._mk, self._user, self._role = mk, user, Role(role)
+
+    @staticmethod
+    def _locked_out(user: str) -> LockedOut:
+        return LockedOut(
+            f"HSM user {user!r} is locked after {MAX_FAILED_LOGINS} failed logins; "
+            "a crypto officer must unlock it (hsm-ca hsm user unlock)"
+        )
 
     def logout(self) -> None:
         self._mk = None

@@ -1,0 +1,212 @@
+"""The built-in engine under hostile conditions: racing PIN guesses, absurd KDF headers,
+exits while the early derivation runs, tampered replicas, restores killed half-way.
+
+Every case runs the real CLI as real processes against real homes on disk.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import SO_PIN, USER_PIN, Cli, make_csr
+
+from hsm_ca.engine.soft.keystore import canonical_json
+
+USER = "crypto-user"
+
+
+def env_with(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("HSM_CA_")}
+    env.update({"HSM_CA_PIN": USER_PIN, "HSM_CA_SO_PIN": SO_PIN})
+    env.update(extra)
+    return env
+
+
+def spawn(home: Path, *args: str, **env: str) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [sys.executable, "-m", "hsm_ca", "--home", str(home), *args],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True,
+        env=env_with(**env),
+    )
+
+
+def finish(procs: list[subprocess.Popen[str]]) -> list[tuple[int, str]]:
+    done = []
+    for p in procs:
+        _out, err = p.communicate(timeout=120)
+        done.append((p.returncode, err))
+    return done
+
+
+def user_state(cli: Cli, name: str = USER) -> dict[str, Any]:
+    users = json.loads(cli.ok("hsm", "user", "list", "--json").out)
+    return next(u for u in users if u["name"] == name)
+
+
+def race(home: Path, pins: list[str]) -> list[tuple[int, str]]:
+    """Start one real ``crl issuing`` process per PIN, all at once."""
+    return finish([spawn(home, "crl", "issuing", HSM_CA_PIN=pin) for pin in pins])
+
+
+# ------------------------------------------------------------ 2. lockout races
+def test_parallel_wrong_pins_are_judged_at_most_five_times(soft_pki: Cli) -> None:
+    cli = soft_pki
+    results = race(cli.home, [f"wrong-pin-{i}" for i in range(20)])
+    judged = [err for code, err in results if "wrong PIN" in err]
+    assert all(code == 1 for code, _ in results), results
+    assert all(err.count("Error:") == 1 and "Traceback" not in err for _, err in results)
+    assert all("wrong PIN" in err or "locked" in err for _, err in results), results
+    assert len(judged) == 5, f"{len(judged)} wrong PINs were judged: {judged}"
+    state = user_state(cli)
+    assert state["locked"] is True and state["failed_logins"] == 5, state
+
+    # locked: the right PIN is refused, racing right and wrong ones judges nothing more
+    results = race(cli.home, [USER_PIN if i % 2 else f"wrong-{i}" for i in range(10)])
+    assert all(code == 1 and "locked" in err and "wrong PIN" not in err
+               for code, err in results), results
+    assert user_state(cli)["failed_logins"] == 5
+    cli.ok("audit", "verify")
+
+
+def test_racing_right_and_wrong_pins_never_judge_six_in_a_row(soft_pki: Cli) -> None:
+    cli = soft_pki
+    pins = [USER_PIN if i % 5 == 0 else f"wrong-pin-{i}" for i in range(20)]  # 4 right, 16 wrong
+    results = race(cli.home, pins)
+    ok = sum(1 for code, _ in results if code == 0)
+    judged = sum(1 for _, err in results if "wrong PIN" in err)
+    refused = sum(1 for _, err in results if "locked" in err and "wrong PIN" not in err)
+    assert ok + judged + refused == len(pins), results
+    state = user_state(cli)
+    assert state["failed_logins"] <= 5, state
+    assert state["locked"] == (state["failed_logins"] == 5), state
+    assert judged <= 5 * (ok + 1), (ok, judged)  # only a success resets the count
+    if state["locked"]:
+        results = race(cli.home, [USER_PIN] * 3)
+        assert all(code == 1 and "locked" in err for code, err in results), results
+
+
+# ------------------------------------------------------ 7. bounded KDF headers
+def _with_kdf(keystore: Path, kdf: dict[str, Any], *, mac: bool) -> None:
+    body, _mac, _ = keystore.read_bytes().split(b"\n")
+    state = json.loads(body)
+    state["kdf"] = kdf
+    body = canonical_json(state)
+    if mac:  # an insider holding partition.key
+        key = (keystore.parent / "partition.key").read_bytes()
+        _mac = hmac.new(key, body, hashlib.sha256).hexdigest().encode()
+    keystore.write_bytes(body + b"\n" + _mac + b"\n")
+
+
+@pytest.mark.parametrize("mac", [False, True], ids=["forged", "re-authenticated"])
+def test_an_absurd_kdf_header_is_one_tamper_error_without_a_traceback(
+    soft_pki: Cli, tmp_path: Path, mac: bool
+) -> None:
+    ks = soft_pki.home / "hsm" / "keystore"
+    original = ks.read_bytes()
+    csr = tmp_path / "x.csr"
+    csr.write_bytes(make_csr(cn=None, dns=["x.example.com"]))
+    for kdf in (
+        {"name": "scrypt", "n": 2**20, "r": 16, "p": 1},
+        {"name": "scrypt", "n": 2**40, "r": 8, "p": 1},
+        {"name": "scrypt", "n": 2**14, "r": 8, "p": 1000},
+        {"name": "scrypt", "n": 3, "r": 8, "p": 1},
+        {"name": "scrypt", "n": 2**14, "r": 0, "p": 1},
+        {"name": "scrypt", "n": "16384", "r": 8, "p": 1},
+        {"name": "scrypt", "n": 2**16, "r": 1, "p": 1},
+    ):
+        _with_kdf(ks, kdf, mac=mac)
+        r = subprocess.run(
+            [sys.executable, "-m", "hsm_ca", "--home", str(soft_pki.home), "sign", str(csr),
+             "--ca", "issuing", "--profile", "tls-server"],
+            capture_output=True, text=True, env=env_with(), timeout=60,
+        )
+        lines = r.stderr.splitlines()
+        assert r.returncode == 1 and len(lines) == 1, (kdf, r.stderr)
+        assert lines[0].startswith("Error:") and "tamper" in lines[0], (kdf, r.stderr)
+        ks.write_bytes(original)
+
+
+# ------------------------------------------- 8. exits while the KDF thread runs
+def _slow_header(keystore: Path, n: int, r: int) -> None:
+    """The early derivation reads the header unauthenticated: enough to set its cost."""
+    body, mac, _ = keystore.read_bytes().split(b"\n")
+    state = json.loads(body)
+    state["kdf"].update(n=n, r=r)
+    keystore.write_bytes(canonical_json(state) + b"\n" + mac + b"\n")
+
+
+# the console entry point, plus a report (from an atexit handler, which runs just before
+# OpenSSL's own exit handlers) of whether the early derivation thread is still running
+EXIT_PROBE = """
+import atexit, sys, threading
+def report():
+    alive = [t for t in threading.enumerate() if t.name == "hsm-ca-kdf" and t.is_alive()]
+    sys.stderr.write(f"KDF-ALIVE-AT-EXIT {len(alive)}\\n")
+atexit.register(report)
+sys.argv = ["hsm-ca", *sys.argv[1:]]
+from hsm_ca.entry import main
+main()
+"""
+
+
+def test_the_interpreter_never_exits_while_the_early_derivation_runs(
+    soft_pki: Cli, tmp_path: Path
+) -> None:
+    """Exiting while scrypt is inside OpenSSL lets libcrypto's exit handler free the locks
+    the thread is using (SIGSEGV, exit 139: seen 2 in ~500 runs under load). A derivation
+    far slower than the failing command must still be finished before the process exits."""
+    _slow_header(soft_pki.home / "hsm" / "keystore", 2**17, 8)
+    csr = tmp_path / "x.csr"
+    csr.write_bytes(make_csr(cn=None, dns=["x.example.com"]))
+    for args, code in (
+        (["sign", str(csr), "--ca", "issuing", "--profile", "tls-server", "--days", "0"], 2),
+        (["sign", str(tmp_path / "missing.csr"), "--ca", "issuing", "--profile", "tls-server"], 1),
+    ):
+        r = subprocess.run(
+            [sys.executable, "-c", EXIT_PROBE, "--home", str(soft_pki.home), *args],
+            capture_output=True, text=True, env=env_with(), timeout=60,
+        )
+        lines = r.stderr.splitlines()
+        assert r.returncode == code, r.stderr
+        assert len(lines) == 2 and lines[0].startswith("Error:"), r.stderr
+        assert lines[1] == "KDF-ALIVE-AT-EXIT 0", r.stderr
+
+
+def test_fast_failing_commands_under_load_never_segfault(soft_pki: Cli, tmp_path: Path) -> None:
+    """The reported symptom, as a loop: commands that fail soon after the early derivation
+    started, under a CPU load on every core, with derivation costs around the exit time."""
+    ks = soft_pki.home / "hsm" / "keystore"
+    csr = tmp_path / "x.csr"
+    csr.write_bytes(make_csr(cn=None, dns=["x.example.com"]))
+    commands = (
+        ["sign", str(csr), "--ca", "issuing", "--profile", "tls-server", "--days", "0"],
+        ["sign", str(tmp_path / "missing.csr"), "--ca", "issuing", "--profile", "tls-server"],
+    )
+    load = [subprocess.Popen([sys.executable, "-c", "while True: pass"])
+            for _ in range(os.cpu_count() or 2)]
+    failures = []
+    try:
+        for i in range(40):
+            _slow_header(ks, 2**14, 1 + i % 12)
+            args = commands[i % len(commands)]
+            r = subprocess.run(
+                [sys.executable, "-m", "hsm_ca", "--home", str(soft_pki.home), *args],
+                capture_output=True, text=True, timeout=60,
+                env=env_with(PYTHONFAULTHANDLER="1"),
+            )
+            lines = r.stderr.splitlines()
+            if r.returncode not in (1, 2) or len(lines) != 1 or not lines[0].startswith("Error:"):
+                failures.append((i, r.returncode, r.stderr[-400:]))
+    finally:
+        for p in load:
+            p.kill()
+            p.wait()
+    assert not failures, failures
