@@ -100,6 +100,24 @@ _ATTRIBUTE_MAX_LENGTH: dict[x509.ObjectIdentifier, int] = {
     NameOID.EMAIL_ADDRESS: 255,
     NameOID.SERIAL_NUMBER: 64,
     NameOID.STREET_ADDRESS: 128,
+    NameOID.DOMAIN_COMPONENT: 63,  # one DNS label
+    NameOID.USER_ID: 256,
+}
+# Any other attribute type (title, givenName, an unknown OID...): X.520 bounds
+# most at 64 or 128; nothing legitimate needs more than this.
+_ATTRIBUTE_DEFAULT_MAX_LENGTH = 128
+
+# How many attributes a subject (CSR or operator DN) may have, in all and per
+# type. Real subjects have a handful; a thousand OUs is an attack on relying
+# parties' parsers and on whoever reads the certificate.
+_MAX_SUBJECT_ATTRIBUTES = 16
+_MAX_PER_TYPE = 4
+_MAX_PER_TYPE_OVERRIDE: dict[x509.ObjectIdentifier, int] = {  # CN: checked on its own (one)
+    NameOID.COUNTRY_NAME: 1,
+    NameOID.SERIAL_NUMBER: 1,
+    NameOID.STATE_OR_PROVINCE_NAME: 1,
+    NameOID.LOCALITY_NAME: 1,
+    NameOID.DOMAIN_COMPONENT: 8,
 }
 
 _ALLOWED_HASHES = ("sha256", "sha384", "sha512")
@@ -437,8 +455,108 @@ def _normalize_san(name: x509.GeneralName, kind: str) -> x509.GeneralName:
     return x509.UniformResourceIdentifier(_normalize_uri(name.value))
 
 
+# UTS #39 "highly restrictive": one script per label, or Latin with the scripts
+# that CJK writing combines with it.
+_SCRIPT_COMBINATIONS = (
+    frozenset({"LATIN", "HAN", "HIRAGANA", "KATAKANA"}),
+    frozenset({"LATIN", "HAN", "BOPOMOFO"}),
+    frozenset({"LATIN", "HAN", "HANGUL"}),
+)
+_SCRIPTLESS = frozenset({"COMMON", "INHERITED"})  # digits, '-', combining marks
+
+
+def label_scripts(u_label: str) -> frozenset[str]:
+    """The Unicode scripts (Scripts.txt, via confusable_homoglyphs) of a label's letters."""
+    from confusable_homoglyphs import categories  # loaded only for non-ASCII names
+
+    return frozenset(categories.alias(ch) for ch in u_label) - _SCRIPTLESS
+
+
+def is_single_script(u_label: str) -> bool:
+    """UTS #39 section 5.2 "highly restrictive": the test browsers use to show an IDN.
+
+    ``раураl`` (Cyrillic but for the final Latin ``l``) looks like ``paypal``
+    and is refused; ``пример`` (all Cyrillic) and ``日本語かな`` (Han with
+    Hiragana) are single-script in this sense and pass. Whole-script
+    look-alikes (every letter Cyrillic) are beyond this test.
+    """
+    if u_label.isascii():
+        return True
+    scripts = label_scripts(u_label)
+    return len(scripts) <= 1 or any(scripts <= combo for combo in _SCRIPT_COMBINATIONS)
+
+
+def _check_host_scripts(host: str, what: str) -> None:
+    """Refuse a host name (A-labels) any of whose IDN labels mixes scripts."""
+    for label in host.split("."):
+        if not label.lower().startswith("xn--"):
+            continue
+        try:
+            u_label = idna.decode(label)
+        except (idna.IDNAError, UnicodeError, ValueError) as e:
+            raise CsrRejected(f"{what} has an invalid A-label {_show(label)}: {e}") from e
+        if not is_single_script(u_label):
+            scripts = ", ".join(sorted(s.title() for s in label_scripts(u_label)))
+            raise CsrRejected(
+                f"{what} has the label {_show(u_label)} ({label}) mixing scripts ({scripts}), "
+                "a look-alike of another name; the profile allows only single-script labels "
+                "(request.allow_mixed_script)"
+            )
+
+
+def _check_name_for_profile(name: x509.GeneralName, profile: Profile) -> None:
+    """The profile's rules for one normalized SAN: URI schemes, single-script IDNs."""
+    if isinstance(name, x509.UniformResourceIdentifier):
+        scheme, _, _ = name.value.partition(":")
+        if scheme not in profile.uri_schemes:
+            raise CsrRejected(
+                f"URI {_show(name.value)} has the scheme {_show(scheme, 32)}, which profile "
+                f"{profile.name} does not allow (allowed: {', '.join(sorted(profile.uri_schemes))})"
+            )
+    if profile.allow_mixed_script:
+        return
+    if isinstance(name, x509.DNSName):
+        _check_host_scripts(name.value, f"DNS name {_show(name.value)}")
+    elif isinstance(name, x509.RFC822Name):
+        _check_host_scripts(name.value.rpartition("@")[2], f"e-mail address {_show(name.value)}")
+    elif isinstance(name, x509.UniformResourceIdentifier):
+        host = urllib.parse.urlsplit(name.value).hostname
+        if host:
+            _check_host_scripts(host, f"URI {_show(name.value)}")
+
+
 def _san_key(name: x509.GeneralName) -> tuple[str, str]:
     return (_SAN_KIND_OF[type(name)], str(name.value))
+
+
+def is_country_code(value: str) -> bool:
+    """An assigned ISO 3166-1 alpha-2 code (uppercase), from the iso3166 package.
+
+    ``isalpha()`` accepted ``XX``, ``ZZ`` and ``QQ``; the iso3166 list is the
+    one pkilint judges certificates by, so the CA and the linter agree.
+    """
+    import iso3166
+
+    return len(value) == 2 and value.isascii() and value in iso3166.countries_by_alpha2
+
+
+def _check_attribute_counts(
+    attributes: list[x509.NameAttribute], error: type[Exception], where: str
+) -> None:
+    """Bound a subject's size: in all, and per attribute type."""
+    if len(attributes) > _MAX_SUBJECT_ATTRIBUTES:
+        raise error(
+            f"{where} has {len(attributes)} attributes; at most {_MAX_SUBJECT_ATTRIBUTES} "
+            "are accepted"
+        )
+    counts: dict[x509.ObjectIdentifier, int] = {}
+    for attr in attributes:
+        counts[attr.oid] = counts.get(attr.oid, 0) + 1
+    for oid, n in counts.items():
+        limit = _MAX_PER_TYPE_OVERRIDE.get(oid, _MAX_PER_TYPE)
+        if n > limit:
+            short = _OID_SHORT_NAMES.get(oid, oid.dotted_string)
+            raise error(f"{where} has {n} {short} attributes; at most {limit} accepted")
 
 
 def _check_attribute(attr: x509.NameAttribute, error: type[Exception], where: str) -> None:
@@ -451,12 +569,13 @@ def _check_attribute(attr: x509.NameAttribute, error: type[Exception], where: st
         raise error(f"{where} attribute {short} contains a control character: {_show(value)}")
     if not value:
         raise error(f"{where} attribute {short} is empty")
-    if attr.oid == NameOID.COUNTRY_NAME and not (
-        len(value) == 2 and value.isascii() and value.isalpha()
-    ):
-        raise error(f"{where} attribute C must be a two-letter country code, not {_show(value)}")
-    limit = _ATTRIBUTE_MAX_LENGTH.get(attr.oid)
-    if limit is not None and len(value) > limit:
+    if attr.oid == NameOID.COUNTRY_NAME and not is_country_code(value):
+        raise error(
+            f"{where} attribute C must be a two-letter country code, not {_show(value)} "
+            "(an ISO 3166-1 alpha-2 code, such as NL)"
+        )
+    limit = _ATTRIBUTE_MAX_LENGTH.get(attr.oid, _ATTRIBUTE_DEFAULT_MAX_LENGTH)
+    if len(value) > limit:
         raise error(
             f"{where} attribute {short} is {len(value)} characters, over the limit of {limit}: "
             f"{_show(value)}"
@@ -535,6 +654,7 @@ def _check_extensions(extensions: x509.Extensions, profile: Profile) -> None:
 def _check_subject(subject: x509.Name, profile: Profile) -> x509.Name:
     """Keep only what the profile allows; refuse what is ambiguous even if dropped."""
     common_names = 0
+    _check_attribute_counts(list(subject), CsrRejected, "CSR subject")
     for rdn in subject.rdns:
         if len(rdn) > 1:
             raise CsrRejected(
@@ -619,6 +739,7 @@ def check_request(csr: x509.CertificateSigningRequest, profile: Profile) -> Chec
     seen: set[tuple[str, str]] = set()
 
     def add(name: x509.GeneralName) -> None:
+        _check_name_for_profile(name, profile)
         key = _san_key(name)
         if key not in seen:
             seen.add(key)
@@ -752,12 +873,10 @@ def parse_dn(text: str) -> x509.Name:
             )
         if not value.strip():
             raise UsageError(f"distinguished name {_show(text)}: attribute {attr_type} is empty")
-        if attr_type.lower() == "c" and not (
-            len(value) == 2 and value.isascii() and value.isalpha()
-        ):
+        if attr_type.lower() == "c" and not is_country_code(value.strip().upper()):
             raise UsageError(
                 f"distinguished name {_show(text)}: attribute C must be a two-letter "
-                f"country code, not {_show(value)}"
+                f"country code, not {_show(value)} (an ISO 3166-1 alpha-2 code, such as NL)"
             )
     try:
         name = x509.Name.from_rfc4514_string(text, attr_name_overrides=overrides)
@@ -766,6 +885,7 @@ def parse_dn(text: str) -> x509.Name:
         raise UsageError(f"distinguished name {_show(text)} is malformed{detail}; {example}") from e
     if not name.rdns:
         raise UsageError(f"the distinguished name is empty; {example}")
+    _check_attribute_counts(list(name), UsageError, f"distinguished name {_show(text, 40)}")
     rdns: list[x509.RelativeDistinguishedName] = []
     common_names = 0
     for rdn in name.rdns:
@@ -780,12 +900,12 @@ def parse_dn(text: str) -> x509.Name:
                 f"distinguished name {_show(text)} has an unsupported attribute "
                 f"{attr.oid.dotted_string}"
             )
-        _check_attribute(attr, UsageError, "distinguished name")
-        if attr.oid == NameOID.COMMON_NAME:
-            common_names += 1
         if attr.oid == NameOID.COUNTRY_NAME and attr.value != attr.value.upper():
             attr = x509.NameAttribute(NameOID.COUNTRY_NAME, str(attr.value).upper())
             rdn = x509.RelativeDistinguishedName([attr])
+        _check_attribute(attr, UsageError, "distinguished name")
+        if attr.oid == NameOID.COMMON_NAME:
+            common_names += 1
         rdns.append(rdn)
     if common_names > 1:
         raise UsageError(f"distinguished name {_show(text)} has more than one CN")

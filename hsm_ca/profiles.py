@@ -35,7 +35,10 @@ EXTENDED_KEY_USAGES = {
     "OCSPSigning": "1.3.6.1.5.5.7.3.9",
 }
 SAN_KINDS = ("dns", "ip", "email", "uri")
+DEFAULT_URI_SCHEMES = ("https", "spiffe", "urn")
+"""URI SAN schemes a profile allows unless it says otherwise: no javascript:, data:, file:."""
 MAX_DAYS = 36500  # a century; beyond it dates stop being meaningful (and 9999-12-31 nears)
+MAX_PATH_LENGTH = 32  # no real hierarchy is deeper; bounds the integer a profile may give
 SUBJECT_ATTRIBUTES = ("CN", "O", "OU", "C", "L", "ST", "emailAddress", "serialNumber")
 SHIPPED_PROFILES = (
     "root-ca",
@@ -74,6 +77,8 @@ class Profile:
     ocsp_no_check: bool
     crl_next_update_days: int
     lint: bool
+    uri_schemes: frozenset[str] = frozenset(DEFAULT_URI_SCHEMES)
+    allow_mixed_script: bool = False
 
     def eku_oids(self) -> list[str]:
         return [EXTENDED_KEY_USAGES[e] for e in self.extended_key_usage]
@@ -102,6 +107,8 @@ _SCHEMA: dict[str, dict[str, tuple[type, Any]]] = {
         "max_sans": (int, 100),
         "subject_attributes": (list, None),
         "cn_in_san": (bool, False),
+        "uri_schemes": (list, list(DEFAULT_URI_SCHEMES)),
+        "allow_mixed_script": (bool, False),
     },
     "crl": {"next_update_days": (int, 7)},
 }
@@ -195,6 +202,20 @@ def parse_profile(name: str, text: str, source: str) -> Profile:
     san_required = _field(req, "request", "san_required", source)
     if san_required and not san_kinds:
         raise ProfileInvalid(f"{source}: 'request.san_required' needs 'request.san_kinds'")
+    uri_schemes = _field(req, "request", "uri_schemes", source)
+    for scheme in uri_schemes:
+        # RFC 3986 scheme syntax, lowercase (the canonical form URIs are compared in)
+        if not (0 < len(scheme) <= 32 and scheme.isascii() and scheme[0].isalpha()
+                and scheme == scheme.lower() and all(c.isalnum() or c in "+.-" for c in scheme)):
+            raise ProfileInvalid(
+                f"{source}: 'request.uri_schemes' has a bad scheme {scheme[:40]!r}; "
+                "write lowercase scheme names without ':', such as \"https\""
+            )
+        if scheme in ("javascript", "data", "vbscript", "file"):
+            raise ProfileInvalid(
+                f"{source}: 'request.uri_schemes' must not allow {scheme!r} "
+                "(it names no resource a relying party can check)"
+            )
     next_update = _field(crl, "crl", "next_update_days", source)
     if not 1 <= next_update <= 366:
         raise ProfileInvalid(f"{source}: 'crl.next_update_days' must be between 1 and 366")
@@ -221,6 +242,8 @@ def parse_profile(name: str, text: str, source: str) -> Profile:
         ocsp_no_check=_field(cert, "certificate", "ocsp_no_check", source),
         crl_next_update_days=next_update,
         lint=_field(cert, "certificate", "lint", source),
+        uri_schemes=frozenset(uri_schemes),
+        allow_mixed_script=_field(req, "request", "allow_mixed_script", source),
     )
 
 

@@ -15,6 +15,7 @@ import datetime
 import functools
 import hashlib
 import ipaddress
+import pathlib
 
 import pytest
 from cryptography import x509
@@ -1131,3 +1132,219 @@ def test_fast_paths_refuse_exactly_what_the_character_checks_refuse() -> None:
             refused = "NUL" in str(e) or "comma" in str(e) or "whitespace" in str(e) \
                 or "control character" in str(e)
         assert refused == refused_by_rule, hex(code)
+
+
+# --------------------------------------------------------------------------- finding 13:
+# subject size, ISO 3166 countries, URI schemes per profile, mixed-script IDNs
+
+OU = NameOID.ORGANIZATIONAL_UNIT_NAME
+
+
+def test_subject_with_a_thousand_ous_refused():
+    csr = make_csr(subject=[cn("client")] + [attr(OU, f"unit {i}") for i in range(1000)])
+    reject(csr, "tls-client", "1001 attributes; at most 16")
+
+
+def test_subject_attribute_counts_bounded_per_type_and_in_all():
+    reject(make_csr(subject=[attr(OU, f"u{i}") for i in range(5)]), "tls-client", "5 OU")
+    reject(make_csr(subject=[attr(NameOID.COUNTRY_NAME, "NL"), attr(NameOID.COUNTRY_NAME, "DE")]),
+           "tls-client", "2 C attributes; at most 1")
+    reject(make_csr(subject=[attr(NameOID.SERIAL_NUMBER, "1"), attr(NameOID.SERIAL_NUMBER, "2")]),
+           "tls-client", "2 serialNumber")
+    many = [attr(OU, f"u{i}") for i in range(4)] + [attr(NameOID.ORGANIZATION_NAME, f"o{i}")
+                                                   for i in range(4)]
+    many += [attr(NameOID.EMAIL_ADDRESS, f"a{i}@example.com") for i in range(4)]
+    many += [attr(x509.ObjectIdentifier("2.5.4.12"), f"t{i}") for i in range(4)]  # title
+    reject(make_csr(subject=[cn("c"), *many]), "intermediate-ca", "17 attributes")
+    # a real subject passes: four OUs, one of each of the rest
+    ok = [cn("client"), attr(NameOID.ORGANIZATION_NAME, "Example"),
+          *[attr(OU, f"u{i}") for i in range(4)], attr(NameOID.COUNTRY_NAME, "NL")]
+    assert len(check_request(make_csr(subject=ok), profile("tls-client")).subject) == 7
+
+
+def test_subject_count_also_bounds_operator_dns():
+    with pytest.raises(UsageError, match="at most 16"):
+        parse_dn("CN=x," + ",".join(f"OU=u{i}" for i in range(40)))
+    with pytest.raises(UsageError, match="5 OU attributes"):
+        parse_dn("CN=x," + ",".join(f"OU=u{i}" for i in range(5)))
+
+
+def test_unlisted_attribute_types_have_a_length_bound():
+    title = x509.ObjectIdentifier("2.5.4.12")
+    reject(make_csr(subject=[cn("c"), attr(title, "t" * 5000)]), "intermediate-ca",
+           "5000 characters, over the limit of 128")
+    reject(make_csr(subject=[cn("c"), attr(NameOID.DOMAIN_COMPONENT, "d" * 64)]),
+           "intermediate-ca", "over the limit of 63")
+
+
+@pytest.mark.parametrize("code", ["XX", "ZZ", "QQ", "AA", "UK", "EU"])
+def test_country_codes_outside_iso_3166_refused(code):
+    reject(make_csr(subject=[cn("c"), attr(NameOID.COUNTRY_NAME, code)]), "tls-client",
+           "ISO 3166-1")
+    with pytest.raises(UsageError, match="ISO 3166-1"):
+        parse_dn(f"CN=x,C={code}")
+
+
+@pytest.mark.parametrize("code", ["NL", "DE", "GB", "US", "JP", "BR"])
+def test_iso_3166_country_codes_accepted(code):
+    checked = check_request(make_csr(subject=[cn("c"), attr(NameOID.COUNTRY_NAME, code)]),
+                            profile("tls-client"))
+    assert checked.subject.get_attributes_for_oid(NameOID.COUNTRY_NAME)[0].value == code
+    assert parse_dn(f"CN=x,C={code.lower()}").rfc4514_string() == f"CN=x,C={code}"
+
+
+@pytest.mark.parametrize(
+    "uri",
+    ["javascript:alert(1)", "JavaScript:alert(1)", "data:text/html,<b>x</b>", "file:///etc/passwd",
+     "http://www.example.com/", "ldap://ldap.example.com/cn=x", "mailto:a@example.com"],
+)
+def test_uri_schemes_outside_the_profile_refused(uri):
+    msg = reject(make_csr(subject=[], sans=[x509.UniformResourceIdentifier(uri)]), "tls-client",
+                 "does not allow")
+    assert "allowed: https, spiffe, urn" in msg
+
+
+def test_shipped_profiles_default_to_https_spiffe_urn():
+    for name in ("tls-client", "tls-server", "code-signing"):
+        assert shipped(name).uri_schemes == frozenset({"https", "spiffe", "urn"})
+
+
+def _client_profile_text(extra: str) -> str:
+    """The shipped tls-client profile with ``extra`` lines in [request] (replacing theirs)."""
+    lines = pathlib.Path(shipped("tls-client").source).read_text().splitlines(keepends=True)
+    keys = {line.split("=")[0].strip() for line in extra.splitlines()}
+    text = "".join(x for x in lines if x.split("=")[0].strip() not in keys)
+    return text.replace("[request]\n", f"[request]\n{extra}\n")
+
+
+def test_a_profile_can_allow_other_uri_schemes(tmp_path):
+    text = _client_profile_text('uri_schemes = ["http", "https"]')
+    (tmp_path / "tls-client.toml").write_text(text)
+    p = ProfileStore(tmp_path).get("tls-client")
+    assert p.uri_schemes == frozenset({"http", "https"})
+    sans = [x509.UniformResourceIdentifier("http://www.example.com/")]
+    assert check_request(make_csr(subject=[], sans=sans), p).sans == tuple(sans)
+    reject_with(make_csr(subject=[], sans=[x509.UniformResourceIdentifier("urn:x:y")]), p,
+                "scheme 'urn'")
+
+
+@pytest.mark.parametrize(
+    ("schemes", "why"),
+    [('["JavaScript"]', "bad scheme"), ('["https:"]', "bad scheme"), ('["javascript"]', "must not"),
+     ('["data"]', "must not"), ('"https"', "must be a list")],
+)
+def test_bad_uri_schemes_refused_when_the_profile_loads(tmp_path, schemes, why):
+    from hsm_ca.errors import ProfileInvalid
+
+    (tmp_path / "tls-client.toml").write_text(_client_profile_text(f"uri_schemes = {schemes}"))
+    with pytest.raises(ProfileInvalid, match=why):
+        ProfileStore(tmp_path).get("tls-client")
+
+
+# раураl: Cyrillic р а у а р а with a Latin l — "paypal" to the eye
+MIXED = "\u0440\u0430\u0443\u0440\u0430l.com"
+
+
+def a_label(name: str) -> str:
+    """cryptography takes DNS names as A-labels only (the idna package, UTS #46)."""
+    import idna
+
+    return idna.encode(name, uts46=True).decode("ascii")
+
+
+MIXED_A = a_label(MIXED)
+
+
+@pytest.mark.parametrize(
+    "name",
+    [MIXED, "www.\u0440\u0430\u0443\u0440\u0430l.com",
+     "g\u03bfogle.com",  # Greek omicron in Latin
+     "\u0430pple.example"],
+)
+def test_mixed_script_idn_labels_refused(name):
+    msg = reject(make_csr(subject=[], sans=[x509.DNSName(a_label(name))]), "tls-server",
+                 "mixing scripts")
+    assert "allow_mixed_script" in msg
+    # the CN path (copied into the SANs) meets the same check
+    reject(make_csr(subject=[cn(name)]), "tls-server", "mixing scripts")
+
+
+def test_mixed_script_refused_in_email_and_uri_hosts():
+    reject(make_csr(subject=[], sans=[x509.RFC822Name("a@" + MIXED_A)]),
+           "tls-client", "mixing scripts")
+    reject(make_csr(subject=[], sans=[x509.UniformResourceIdentifier(
+        "https://" + MIXED_A + "/")]), "tls-client", "mixing scripts")
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["\u043f\u0440\u0438\u043c\u0435\u0440.\u0440\u0444",  # пример.рф: all Cyrillic
+     "b\u00fccher.example",  # bücher: Latin with a diacritic
+     "\u65e5\u672c\u8a9e\u304b\u306a.jp",  # Han + Hiragana: highly restrictive allows it
+     "\ud55c\uad6dabc.kr",  # Hangul + Latin
+     "xn--80ak6aa92e.com"],  # аррӏе: whole-script Cyrillic; single script, so allowed
+)
+def test_single_script_idn_labels_accepted(name):
+    checked = check_request(make_csr(subject=[], sans=[x509.DNSName(a_label(name))]),
+                            profile("tls-server"))
+    assert len(checked.sans) == 1
+
+
+def test_a_profile_can_allow_mixed_script():
+    p = dataclasses.replace(profile("tls-server"), allow_mixed_script=True)
+    checked = check_request(make_csr(subject=[], sans=[x509.DNSName(MIXED_A)]), p)
+    assert checked.sans == (x509.DNSName(MIXED_A),)
+
+
+def test_is_single_script():
+    assert policy.is_single_script("example") and policy.is_single_script("123-abc")
+    assert not policy.is_single_script("\u0440\u0430\u0443\u0440\u0430l")
+    assert not policy.is_single_script("a\u0391")  # Latin + Greek
+    assert policy.is_single_script("\u0430\u0301\u0431")  # a combining mark is INHERITED
+
+
+# ---- the same through the real CLI sign path: one Error line, exit 1, a refused record
+
+HOSTILE_CSRS = {
+    "thousand-ous": ("tls-client", dict(subject=[cn("client")] + [attr(OU, f"u{i}")
+                                                                  for i in range(1000)])),
+    "country-xx": ("tls-client", dict(subject=[cn("client"), attr(NameOID.COUNTRY_NAME, "XX")])),
+    "javascript-uri": ("tls-client", dict(
+        subject=[cn("client")], sans=[x509.UniformResourceIdentifier("javascript:alert(1)")])),
+    "mixed-script": ("tls-server", dict(subject=[], sans=[x509.DNSName(MIXED_A)])),
+    "mixed-script-cn": ("tls-server", dict(subject=[cn(MIXED)])),
+}
+
+
+@pytest.fixture(scope="module")
+def hostile_csr_files(tmp_path_factory):
+    d = tmp_path_factory.mktemp("hostile")
+    files = {}
+    for name, (prof, kw) in HOSTILE_CSRS.items():
+        path = d / f"{name}.csr"
+        path.write_bytes(pem(make_csr(**kw)))
+        files[name] = (prof, path)
+    return files
+
+
+def test_hostile_subjects_and_names_refused_through_the_cli(soft_pki, hostile_csr_files, tmp_path):
+    import json
+
+    for name, (prof, path) in hostile_csr_files.items():
+        out = tmp_path / f"{name}.pem"
+        r = soft_pki("sign", str(path), "--ca", "issuing", "--profile", prof, "-o", str(out))
+        assert r.code == 1, (name, r.code, r.out, r.err)
+        lines = r.err.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("Error:"), (name, r.err)
+        assert not out.exists(), name
+    listed = json.loads(soft_pki.ok("--json", "list").out)
+    assert [c for c in listed if not c["profile"].endswith("-ca")] == []
+    records = json.loads(soft_pki.ok("--json", "audit", "list").out)
+    refused = [r for r in records if r["action"] == "issue" and r["outcome"] == "refused"]
+    assert len(refused) == len(hostile_csr_files)
+    # and a good request on the same profiles still issues
+    good = tmp_path / "good.csr"
+    good.write_bytes(pem(make_csr(
+        subject=[cn("client"), attr(NameOID.COUNTRY_NAME, "NL")],
+        sans=[x509.UniformResourceIdentifier("spiffe://example.org/x")])))
+    soft_pki.ok("sign", str(good), "--ca", "issuing", "--profile", "tls-client")
