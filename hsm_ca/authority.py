@@ -510,16 +510,38 @@ class Authority:
 
     def record_engine_change(self, action: str, outcome: str, *, hsm_user: str | None = None,
                              **fields: Any) -> None:
-        """An audit record carrying the keystore generation, kept with it in one transaction."""
+        """An audit record carrying the keystore generation, kept with it in one transaction.
+
+        Replica nodes the engine found stale, missing or tampered and rewrote
+        on the way (it reports them in ``engine.repairs``; it knows nothing of
+        the trail) are recorded first, one ``node-repair`` record each, and
+        each is a ``Warning:`` line on stderr: a repair is never silent.
+        """
         generation = self._generation()
         detail = fields.pop("detail", None)
         if generation is not None:
             detail = f"{detail + '; ' if detail else ''}generation={generation}"
+        queued = getattr(self._engine, "repairs", None)
+        repairs = list(queued) if queued else []
         with self.store.transaction():
+            for rep in repairs:
+                self.audit.append(
+                    self.actor(hsm_user), "node-repair", "repaired",
+                    detail=f"node {rep['node']} was {rep['problem']}"
+                           f"{': ' + rep['detail'] if rep['detail'] else ''}; rewritten at "
+                           f"generation={rep['generation']}",
+                )
             self.audit.append(self.actor(hsm_user), action, outcome, detail=detail, **fields)
             if generation is not None:
                 seen = int(self.store.get_meta("hsm_generation") or 0)
                 self.store.set_meta("hsm_generation", str(max(seen, generation)))
+        if repairs:
+            del queued[:len(repairs)]  # type: ignore[index]
+            import sys
+
+            for rep in repairs:
+                sys.stderr.write(f"Warning: HSM node {rep['node']} was {rep['problem']}; "
+                                 "repaired from the newest authentic copy (audited)\n")
 
     def revoke(
         self, serial: str, reason: str = "unspecified", invalidity_date: _dt.datetime | None = None

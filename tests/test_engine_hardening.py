@@ -10,6 +10,7 @@ import hashlib
 import hmac
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -210,3 +211,67 @@ def test_fast_failing_commands_under_load_never_segfault(soft_pki: Cli, tmp_path
             p.kill()
             p.wait()
     assert not failures, failures
+
+
+# --------------------------------------------------- 4. repairs are never silent
+def _flip(path: Path, pos: int) -> None:
+    data = bytearray(path.read_bytes())
+    data[pos] ^= 0x01
+    path.write_bytes(bytes(data))
+
+
+def test_every_repaired_node_is_audited_warned_and_listed(
+    soft_pki: Cli, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cli = soft_pki
+    csr = tmp_path / "x.csr"
+    csr.write_bytes(make_csr(cn=None, dns=["x.example.com"]))
+    main, replica = cli.home / "hsm", (tmp_path / "node2").resolve()
+    r = cli.ok("hsm", "node", "add", str(replica))
+    assert "Warning" not in r.err  # a node being added is synced, not repaired
+
+    def audit_since(seq: int) -> list[dict[str, Any]]:
+        return json.loads(cli.ok("audit", "list", "--since", str(seq), "--json").out)
+
+    def nodes() -> dict[str, dict[str, Any]]:
+        return {n["path"]: n for n in json.loads(cli.ok("hsm", "node", "list", "--json").out)}
+
+    assert not [x for x in audit_since(0) if x["action"] == "node-repair"]
+    assert all(n["last_repair"] is None for n in nodes().values())
+
+    stale = (replica / "keystore").read_bytes()
+    cli.ok("crl", "issuing")  # the replica's copy is now a generation behind
+    cases: list[tuple[str, Path, Any]] = [
+        ("tampered", replica, lambda: _flip(replica / "keystore", 100)),
+        ("tampered", main, lambda: _flip(main / "keystore", 57)),
+        ("stale", replica, lambda: (replica / "keystore").write_bytes(stale)),
+        ("missing", main, lambda: shutil.rmtree(main)),
+    ]
+    for i, (problem, node, damage) in enumerate(cases):
+        seq = audit_since(0)[-1]["seq"]
+        damage()
+        if i % 2:  # a failed login writes the partition too: the repair is still recorded
+            with monkeypatch.context() as m:
+                m.setenv("HSM_CA_PIN", "wrong-pin-1")
+                r = cli("sign", str(csr), "--ca", "issuing", "--profile", "tls-server")
+            assert r.code == 1 and "wrong PIN" in r.err, r.err
+        else:
+            r = cli("sign", str(csr), "--ca", "issuing", "--profile", "tls-server")
+            assert r.code == 0, r.err
+        warnings = [line for line in r.err.splitlines() if line.startswith("Warning:")]
+        assert len(warnings) == 1, (problem, r.err)
+        assert str(node) in warnings[0] and problem in warnings[0], warnings
+        records = [x for x in audit_since(seq) if x["action"] == "node-repair"]
+        assert len(records) == 1, (problem, records)
+        assert str(node) in records[0]["detail"] and problem in records[0]["detail"], records
+        listed = nodes()
+        assert [n["health"] for n in listed.values()] == ["ok", "ok"], listed
+        assert listed[str(node)]["last_problem"].startswith(problem), listed
+        assert listed[str(node)]["last_repair"], listed
+        table = cli.ok("hsm", "node", "list").out
+        assert problem in table and listed[str(node)]["last_repair"] in table, table
+    r = cli.ok("sign", str(csr), "--ca", "issuing", "--profile", "tls-server")
+    assert "Warning" not in r.err  # healthy nodes: nothing to say
+    cli.ok("audit", "verify")
+    # the repair history is in the authenticated partition, on every node
+    assert (main / "keystore").read_bytes() == (replica / "keystore").read_bytes()

@@ -226,13 +226,14 @@ def hsm_node_add(path: str, so_pin_file: str | None) -> None:
 @node.command("list")
 @json_flag
 def hsm_node_list() -> None:
-    """Each node's path, health and generation."""
+    """Each node's path, health and generation, and when it was last repaired and why."""
     from hsm_ca.hsm_admin import list_nodes
 
     st = state()
     nodes = list_nodes(st.authority())
     report_rows(
         nodes,
-        ["path", "health", "generation", "detail"],
-        lambda n: [n["path"], n["health"], n["generation"], n["detail"]],
+        ["path", "health", "generation", "detail", "last repair"],
+        lambda n: [n["path"], n["health"], n["generation"], n["detail"],
+                   f"{n['last_repair']} ({n['last_problem']})" if n.get("last_repair") else "-"],
     )

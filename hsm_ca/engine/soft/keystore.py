@@ -124,10 +124,13 @@ class NodeStatus:
     health: str  # ok | stale | missing | unreachable | tampered | foreign
     generation: int | None
     detail: str = ""
+    last_repair: str | None = None  # when this node was last rewritten because it was bad
+    last_problem: str | None = None  # what it was then: stale, missing or tampered (and why)
 
     def as_dict(self) -> dict[str, Any]:
         return {"path": str(self.path), "health": self.health, "generation": self.generation,
-                "detail": self.detail}
+                "detail": self.detail, "last_repair": self.last_repair,
+                "last_problem": self.last_problem}
 
 
 class SoftEngine:
@@ -157,6 +160,11 @@ class SoftEngine:
         self._state_cache: dict[str, Any] | None = None
         self._raw_best: tuple[bytes, bytes] | None = None
         self.node_status: list[NodeStatus] = []
+        # nodes found stale, missing or tampered and rewritten by this object, oldest first;
+        # the engine knows nothing of the audit trail, so whoever drives it drains this
+        # list and records each one (Authority.record_engine_change)
+        self.repairs: list[dict[str, Any]] = []
+        self._joining: set[Path] = set()  # nodes being added: their first sync is no repair
 
     # ----------------------------------------------------------------- files
     @classmethod
@@ -276,10 +284,14 @@ class SoftEngine:
             self.node_status = status
             raise Tampered(f"no node holds this CA's HSM partition {wanted}; the nodes hold others")
         best = max(ours, key=lambda f: int(f[1]["generation"]))
+        repaired = best[1].get("node_repairs")
         for st in status:
             if st.health == "ok" and st.generation is not None and \
                     st.generation < int(best[1]["generation"]):
                 st.health = "stale"
+            last = repaired.get(str(st.path)) if isinstance(repaired, dict) else None
+            if isinstance(last, dict):
+                st.last_repair, st.last_problem = last.get("at"), last.get("problem")
         self.node_status = status
         self._raw_best = (best[2], best[3])
         self._state_cache = best[1]
@@ -292,8 +304,22 @@ class SoftEngine:
         return self._raw_best[1]
 
     def _write(self, state: dict[str, Any]) -> None:
-        """Write the next generation to every reachable node, or to none."""
+        """Write the next generation to every reachable node, or to none.
+
+        A node last read as stale, missing or tampered is repaired by this
+        write; each such repair is noted in the state itself (authenticated,
+        so ``node list`` can say when) and queued in ``self.repairs``.
+        """
         state["generation"] = int(state.get("generation", 0)) + 1
+        mending = self._mending()
+        if mending:
+            now = _now()
+            notes = state.get("node_repairs")
+            notes = dict(notes) if isinstance(notes, dict) else {}
+            for st in mending:
+                problem = f"{st.health}: {st.detail}" if st.detail else st.health
+                notes[str(st.path)] = {"at": now, "problem": problem[:300]}
+            state["node_repairs"] = notes
         if self._raw_best is not None:
             key = self._raw_best[1]
         elif self._any_node():
@@ -305,6 +331,20 @@ class SoftEngine:
         self._replicate(body + b"\n" + mac + b"\n", key)
         self._state_cache = state
         self._raw_best = (body + b"\n" + mac + b"\n", key)
+        for st in mending:
+            self.repairs.append({"node": str(st.path), "problem": st.health, "detail": st.detail,
+                                 "at": state["node_repairs"][str(st.path)]["at"],
+                                 "generation": state["generation"]})
+            st.health, st.generation, st.detail = "ok", state["generation"], ""
+            st.last_repair = state["node_repairs"][str(st.path)]["at"]
+            st.last_problem = state["node_repairs"][str(st.path)]["problem"]
+        self._joining.clear()
+
+    def _mending(self) -> list[NodeStatus]:
+        """The nodes the next write will rewrite although they were not healthy."""
+        return [st for st in self.node_status
+                if st.health in ("stale", "missing", "tampered") and st.path.parent.exists()
+                and st.path not in self._joining]
 
     def _any_node(self) -> bool:
         return any((n / KEYSTORE).exists() for n in self.nodes)
@@ -343,13 +383,16 @@ class SoftEngine:
                 os.close(dfd)
 
     def sync_nodes(self) -> list[NodeStatus]:
-        """Bring stale, missing or damaged reachable nodes up to the best generation."""
-        with self._locked():
-            assert self._raw_best is not None
-            behind = [st.path for st in self.node_status
+        """Bring stale, missing or damaged reachable nodes up to the best generation.
+
+        A new generation is written to every node (not the old bytes copied to
+        the bad ones), so the repair is itself recorded in the partition.
+        """
+        with self._locked() as state:
+            behind = [st for st in self.node_status
                       if st.health in ("stale", "missing", "tampered") and st.path.parent.exists()]
             if behind:
-                self._replicate(self._raw_best[0], self._raw_best[1], only=behind)
+                self._write(state)
                 self._read()
         return self.node_status
 
@@ -373,6 +416,7 @@ class SoftEngine:
         if not path.parent.exists():
             raise EngineError(f"{path.parent} does not exist")
         self.nodes.append(path)
+        self._joining.add(path)
         self._read()
         self.sync_nodes()
 
