@@ -96,6 +96,13 @@ def validate_ca_name(name: str) -> str:
     return check_ca_name(name)
 
 
+def _issue_detail(d: _Draft) -> str:
+    """An intent/issued record's detail: the request's source and the profile file's SHA-256,
+    so a profile changed between two issuances shows in the trail."""
+    parts = [d.source] if d.source else []
+    return " ".join([*parts, f"profile_sha256={d.profile.sha256}"])
+
+
 def _now() -> _dt.datetime:
     return _dt.datetime.now(_dt.UTC).replace(microsecond=0)
 
@@ -960,7 +967,7 @@ class Authority:
                     actor, "issue", "intent", ca=ctx.ca_name, key_label=ctx.issuer_handle.label,
                     profile=d.profile.name, serial=format_serial(d.serial),
                     subject=d.subject_text, csr_sha256=d.csr_sha256,
-                    detail=d.source,
+                    detail=_issue_detail(d),
                 )
 
     def _sign(self, drafts: list[_Draft], ctx: _IssueContext) -> list[x509.Certificate | HsmCaError]:
@@ -1117,7 +1124,7 @@ class Authority:
                 audit.append(
                     actor, "issue", "issued", ca=ca_name, key_label=issuer_handle.label,
                     profile=d.profile.name, serial=serial, subject=d.subject_text,
-                    csr_sha256=d.csr_sha256, object_sha256=sha, detail=d.source,
+                    csr_sha256=d.csr_sha256, object_sha256=sha, detail=_issue_detail(d),
                 )
                 summary = {
                     "serial": serial, "subject": d.subject_text, "issuer": ctx.issuer_text,

@@ -9,6 +9,8 @@ certificate with the wrong key usage.
 
 from __future__ import annotations
 
+import hashlib
+import sys
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
@@ -79,13 +81,28 @@ class Profile:
     lint: bool
     uri_schemes: frozenset[str] = frozenset(DEFAULT_URI_SCHEMES)
     allow_mixed_script: bool = False
+    sha256: str = ""
+    """SHA-256 of the profile file's bytes: issuance records carry it (finding 17)."""
+    widens: frozenset[str] = frozenset()
+    """What a home override declares it widens over the shipped profile (WIDENINGS)."""
 
     def eku_oids(self) -> list[str]:
         return [EXTENDED_KEY_USAGES[e] for e in self.extended_key_usage]
 
 
+WIDENINGS = (
+    "ca",
+    "key_usage",
+    "extended_key_usage",
+    "max_days",
+    "path_length",
+    "cabf_server_auth",
+    "ocsp_no_check",
+)
+"""The powers a home override may add to a shipped profile only by declaring them."""
+
 _SCHEMA: dict[str, dict[str, tuple[type, Any]]] = {
-    "": {"description": (str, "")},
+    "": {"description": (str, ""), "widens": (list, [])},
     "certificate": {
         "ca": (bool, False),
         "path_length": (int, None),
@@ -244,7 +261,42 @@ def parse_profile(name: str, text: str, source: str) -> Profile:
         lint=_field(cert, "certificate", "lint", source),
         uri_schemes=frozenset(uri_schemes),
         allow_mixed_script=_field(req, "request", "allow_mixed_script", source),
+        sha256=hashlib.sha256(text.encode("utf-8")).hexdigest(),
+        widens=frozenset(_choices(_field(data, "", "widens", source), WIDENINGS, source, "widens")),
     )
+
+
+def widenings(shipped: Profile, override: Profile) -> dict[str, str]:
+    """What ``override`` lets a certificate do that ``shipped`` does not, each described.
+
+    Narrowing (fewer days, fewer SAN kinds) is what overrides are for and is
+    free; these are the certificate powers a typo or a hostile edit of the
+    home could add: a CA where a leaf was meant, CA-ish or new key usages, an
+    EKU added (or all removed, which means "any purpose"), longer validity,
+    a deeper or unlimited path, the CA/B validity clamp or revocation
+    checking (OCSP no-check) turned off.
+    """
+    found: dict[str, str] = {}
+    if override.is_ca and not shipped.is_ca:
+        found["ca"] = "leaf -> CA"
+    if not override.key_usage <= shipped.key_usage:
+        found["key_usage"] = "adds " + ", ".join(sorted(override.key_usage - shipped.key_usage))
+    ship_eku, over_eku = set(shipped.extended_key_usage), set(override.extended_key_usage)
+    if ship_eku and not over_eku:
+        found["extended_key_usage"] = "none (any purpose)"
+    elif not over_eku <= ship_eku:
+        found["extended_key_usage"] = "adds " + ", ".join(sorted(over_eku - ship_eku))
+    if override.max_days > shipped.max_days:
+        found["max_days"] = f"{shipped.max_days} -> {override.max_days}"
+    if shipped.is_ca and override.is_ca and shipped.path_length is not None and (
+        override.path_length is None or override.path_length > shipped.path_length
+    ):
+        found["path_length"] = f"{shipped.path_length} -> {override.path_length}"
+    if shipped.cabf_server_auth and not override.cabf_server_auth:
+        found["cabf_server_auth"] = "CA/B validity clamp off"
+    if override.ocsp_no_check and not shipped.ocsp_no_check:
+        found["ocsp_no_check"] = "OCSP no-check on"
+    return found
 
 
 def shipped_profiles_dir() -> Path:
@@ -261,8 +313,44 @@ class ProfileStore:
     def __init__(self, home_profiles: Path | None) -> None:
         self._dirs = [d for d in (home_profiles, shipped_profiles_dir()) if d is not None]
         self._cache: dict[str, Profile] = {}
+        self._widened: dict[str, dict[str, str]] = {}
 
     def get(self, name: str) -> Profile:
+        """The profile ``name``; a home override that widens a shipped one must say so.
+
+        An override adding any of WIDENINGS without listing it in ``widens``
+        is refused; a declared widening prints a ``Warning:`` line on stderr
+        every time the profile is used, so it is never quiet.
+        """
+        profile = self._get(name)
+        if name not in self._widened:
+            self._widened[name] = self._check_override(profile)
+        wide = self._widened[name]
+        if wide:
+            what = "; ".join(f"{k}: {v}" for k, v in wide.items())
+            sys.stderr.write(f"Warning: profile {name} ({profile.source}) widens the shipped "
+                             f"profile: {what}\n")
+        return profile
+
+    def _check_override(self, profile: Profile) -> dict[str, str]:
+        shipped_dir = shipped_profiles_dir()
+        shipped_path = shipped_dir / f"{profile.name}.toml"
+        if Path(profile.source).parent == shipped_dir or not shipped_path.is_file():
+            return {}  # a shipped profile, or a home profile of a new name: nothing to widen
+        shipped = parse_profile(profile.name, shipped_path.read_text(encoding="utf-8"),
+                                str(shipped_path))
+        found = widenings(shipped, profile)
+        undeclared = [k for k in found if k not in profile.widens]
+        if undeclared:
+            what = "; ".join(f"{k}: {found[k]}" for k in undeclared)
+            raise ProfileInvalid(
+                f"{profile.source}: this override widens the shipped profile {profile.name} "
+                f"({what}); if that is meant, declare it at the top of the file: "
+                f"widens = [{', '.join(repr(k).replace(chr(39), chr(34)) for k in found)}]"
+            )
+        return found
+
+    def _get(self, name: str) -> Profile:
         if name in self._cache:
             return self._cache[name]
         if not name or len(name) > 64 or name.startswith(".") or \
