@@ -31,6 +31,7 @@ from hsm_ca.engine.base import KEY_TYPES
 from hsm_ca.engine.keys import new_software_key
 from hsm_ca.errors import ConfigError, HsmCaError, PolicyViolation
 from hsm_ca.fileio import atomic_write
+from hsm_ca.names import show as show_name
 from hsm_ca.x509util import cert_pem, rfc3339
 
 if TYPE_CHECKING:
@@ -350,7 +351,7 @@ def load_spec(path: str | Path, profiles: ProfileStore | None = None,
                                                  {c.name for c in cas}}
     for i, spec in enumerate(cas):
         if spec.parent is not None and spec.parent not in known:
-            raise ld.fail("ca", i, "parent", f"unknown parent CA {spec.parent!r}")
+            raise ld.fail("ca", i, "parent", f"unknown parent CA {show_name(spec.parent)}")
         seen = {spec.name}
         cur = spec.parent
         while cur is not None:
@@ -365,7 +366,7 @@ def load_spec(path: str | Path, profiles: ProfileStore | None = None,
         ld.unknown("certificate", i, entry, _CERT_KEYS)
         ca = ld.get(entry, "certificate", i, "ca", str, required=True)
         if ca not in known:
-            raise ld.fail("certificate", i, "ca", f"unknown CA {ca!r}")
+            raise ld.fail("certificate", i, "ca", f"unknown CA {show_name(ca)}")
         profile_name = ld.get(entry, "certificate", i, "profile", str, required=True)
         try:
             profile = profiles.get(profile_name)
@@ -427,7 +428,7 @@ def load_spec(path: str | Path, profiles: ProfileStore | None = None,
                                lambda v: check_name(v, "signer label"), {s.label for s in signers})
         ca = ld.get(entry, "signer", i, "ca", str, required=True)
         if ca not in known:
-            raise ld.fail("signer", i, "ca", f"unknown CA {ca!r}")
+            raise ld.fail("signer", i, "ca", f"unknown CA {show_name(ca)}")
         signers.append(SignerSpec(
             label=label, ca=ca,
             subject=ld.dn("signer", i, "subject", ld.get(entry, "signer", i, "subject", str, required=True)),

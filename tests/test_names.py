@@ -195,3 +195,15 @@ def test_check_name_rule() -> None:
     with pytest.raises(UsageError):
         check_ca_name("x-delta")
     assert check_name("x-delta") == "x-delta"
+
+
+def test_bootstrap_unknown_ca_references_are_not_echoed_in_full(cli: Cli, tmp_path: Path) -> None:
+    long = "q" * 5000
+    for body in (
+        f'[[ca]]\nname = "sub"\nparent = "{long}"\nsubject = "CN=S"\n',
+        f'[[ca]]\nname = "root"\nsubject = "CN=R"\n\n'
+        f'[[signer]]\nlabel = "rel"\nca = "{long}"\nsubject = "CN=S"\n',
+    ):
+        r = cli("bootstrap", str(_bootstrap(tmp_path, body)), "--plan")
+        assert r.code in (1, 2) and r.err.startswith("Error:"), r.err
+        assert "unknown" in r.err and "q" * 65 not in r.err, len(r.err)
