@@ -21,7 +21,6 @@ import contextlib
 import datetime as _dt
 import hashlib
 import os
-import shutil
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -314,18 +313,17 @@ class Authority:
                     f"{home} already exists and is not empty; refusing to initialise over it"
                 )
         # Build the home in a staging directory beside it and rename it into place, so
-        # a run killed half-way leaves no half-made home that blocks the next attempt.
-        home.parent.mkdir(parents=True, exist_ok=True)
-        for stale in home.parent.glob(f".{home.name}.init-*"):
-            shutil.rmtree(stale, ignore_errors=True)
-        staging = home.parent / f".{home.name}.init-{os.getpid()}"
+        # a run killed half-way leaves no half-made home that blocks the next attempt;
+        # staging.py removes what such a run left (never a live run's staging).
+        from hsm_ca.staging import Staging
+
+        stage = Staging(home, "init")
+        staging = stage.path
         cfg = HomeConfig(
             home=staging, engine=engine, base_url=base_url, user=user, officer=officer,
             pkcs11=pkcs11,
         )
         try:
-            staging.mkdir(mode=0o700)
-            os.chmod(staging, 0o700)
             if engine == "soft":
                 from hsm_ca.engine.soft import DEFAULT_SCRYPT_N, SoftEngine
 
@@ -357,9 +355,9 @@ class Authority:
                 store.close()
             if existed:
                 home.rmdir()  # empty, checked above
-            os.replace(staging, home)
+            stage.commit()
         except BaseException:
-            shutil.rmtree(staging, ignore_errors=True)
+            stage.abort()
             raise
         return cls(replace(cfg, home=home), pin=lambda: user_pin)
 

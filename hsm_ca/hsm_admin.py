@@ -14,9 +14,7 @@ import contextlib
 import datetime as _dt
 import hashlib
 import json
-import os
 import secrets
-import shutil
 import sqlite3
 import tempfile
 from dataclasses import replace
@@ -39,7 +37,6 @@ from hsm_ca.engine.base import Role, UserInfo
 from hsm_ca.errors import (
     AlreadyExists,
     ConfigError,
-    EngineError,
     HsmCaError,
     LockedOut,
     LoginFailed,
@@ -96,7 +93,16 @@ def list_users(authority: Authority) -> list[UserInfo]:
 
 
 def add_user(authority: Authority, so_pin: str, name: str, role: str, pin: str) -> None:
+    """Add an engine user. User names follow the name rule (hsm_ca.names) and are unique
+    regardless of case: ``Officer`` beside ``officer`` would make the trail ambiguous."""
+    from hsm_ca.errors import AlreadyExists
+    from hsm_ca.names import check_name, fold
+
+    check_name(name, "HSM user name")
     engine = officer_login(authority, so_pin)
+    taken = next((u.name for u in engine.list_users() if fold(u.name) == fold(name)), None)
+    if taken is not None:
+        raise AlreadyExists(f"HSM user {taken!r} already exists (names are unique regardless of case)")
     engine.add_user(name, Role(role), pin)
     _record(authority, "user-add", "ok", detail=f"user {name} role {role}")
 
@@ -226,8 +232,15 @@ def _open_backup(blob: bytes, so_pin: str) -> dict[str, bytes]:
 
 
 def restore(blob: bytes, so_pin: str, home: Path) -> HomeConfig:
-    """Recreate a whole home from a backup; checks everything before writing anything."""
-    from hsm_ca.engine.soft import SoftEngine
+    """Recreate a whole home from a backup; checks everything before writing anything.
+
+    The home is built in a staging directory beside it (see staging.py: a
+    run killed half-way leaves nothing the next command does not remove),
+    and the ``restore`` audit record is written into the staged trail before
+    the rename, so the restored home exists with its record or not at all.
+    """
+    from hsm_ca.authority import Authority
+    from hsm_ca.staging import Staging
 
     home = Path(home).expanduser()
     if home.exists() and any(home.iterdir()):
@@ -239,18 +252,13 @@ def restore(blob: bytes, so_pin: str, home: Path) -> HomeConfig:
     for name in files:
         if name.startswith("/") or ".." in Path(name).parts:
             raise Tampered(f"the backup names an unsafe path {name!r}")
-    staging = Path(tempfile.mkdtemp(prefix=".restore-", dir=home.parent if home.parent.exists() else None))
+    stage = Staging(home, "restore")
+    staging = stage.path
     try:
-        os.chmod(staging, 0o700)
         for name, data in files.items():
             target = staging / name
             target.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
             atomic_write(target, data, 0o600)
-        # the partition must authenticate and the officer PIN must open it
-        probe = SoftEngine(staging / HSM_DIR, lock_path=staging / ".hsm.lock")
-        cfg = load_config(staging)
-        probe.login(cfg.officer, so_pin)
-        probe.close()
         conn = sqlite3.connect(str(staging / DB_FILE))
         try:
             ok = conn.execute("PRAGMA integrity_check").fetchone()[0]
@@ -258,29 +266,28 @@ def restore(blob: bytes, so_pin: str, home: Path) -> HomeConfig:
             conn.close()
         if ok != "ok":
             raise Tampered(f"the backup's database fails its integrity check: {ok}")
+        cfg = load_config(staging)
         if cfg.nodes:  # replicas belong to the old installation; start with the primary only
             write_config(replace(cfg, home=staging, nodes=()))
-        home.parent.mkdir(parents=True, exist_ok=True)
+        # the partition must authenticate and the officer PIN must open it (audited, in
+        # the staged trail), and the restore is recorded there before the home appears
+        staged = Authority(load_config(staging))
+        try:
+            officer_login(staged, so_pin)
+            _record(staged, "restore", "ok", detail=f"restored into {home}")
+        finally:
+            staged.close()
         if home.exists():
             home.rmdir()
-        os.replace(staging, home)
+        stage.commit()
     except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
+        stage.abort()
         raise
     return load_config(home)
 
 
 def restore_into(blob: bytes, so_pin: str, home: Path) -> Authority:
-    """Restore, then record the restore in the restored audit trail."""
+    """Restore (the restore recorded in the restored trail), then open the restored home."""
     from hsm_ca.authority import Authority
 
-    cfg = restore(blob, so_pin, home)
-    authority = Authority(cfg)
-    try:
-        engine = officer_login(authority, so_pin)
-        del engine
-        _record(authority, "restore", "ok", detail=f"restored into {cfg.home}")
-    except EngineError:
-        authority.close()
-        raise
-    return authority
+    return Authority(restore(blob, so_pin, home))

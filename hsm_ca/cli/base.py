@@ -36,8 +36,11 @@ class State:
 
     def config(self) -> HomeConfig:
         from hsm_ca.config import load_config
+        from hsm_ca.staging import sweep
 
-        return load_config(self.home)
+        home = self.home
+        sweep(home.parent)  # what a killed init or restore left beside it (staging.py)
+        return load_config(home)
 
     def user_pin_source(self, pin_file: str | None = None) -> Any:
         from pathlib import Path
