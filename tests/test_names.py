@@ -207,3 +207,17 @@ def test_bootstrap_unknown_ca_references_are_not_echoed_in_full(cli: Cli, tmp_pa
         r = cli("bootstrap", str(_bootstrap(tmp_path, body)), "--plan")
         assert r.code in (1, 2) and r.err.startswith("Error:"), r.err
         assert "unknown" in r.err and "q" * 65 not in r.err, len(r.err)
+
+
+def test_hsm_user_names_follow_the_rule_and_ignore_case(
+    home: Cli, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("HSM_CA_NEW_PIN", "alice-pin-12345")
+    for bad in ("\u0430lice", "al ice", "-alice", "x" * 65):
+        r = home("hsm", "user", "add", "--", bad)
+        _assert_usage_error(r)
+    home.ok("hsm", "user", "add", "alice")
+    r = home("hsm", "user", "add", "Alice")
+    assert r.code == 1 and "'alice' already exists" in r.err, r.err
+    users = [u["name"] for u in json.loads(home.ok("--json", "hsm", "user", "list").out)]
+    assert "Alice" not in users and "alice" in users
