@@ -59,6 +59,7 @@ from hsm_ca.profiles import (
     KEY_USAGES,
     SAN_KINDS,
     SUBJECT_ATTRIBUTES,
+    WIDENINGS,
     Profile,
     ProfileStore,
     parse_profile,
@@ -342,6 +343,9 @@ PLAUSIBLE: dict[str, Any] = {
     "subject_attributes": _subset(SUBJECT_ATTRIBUTES),
     "cn_in_san": st.booleans(),
     "next_update_days": st.integers(1, 366),
+    "uri_schemes": _subset(("https", "spiffe", "urn", "http", "ldap")),
+    "allow_mixed_script": st.booleans(),
+    "widens": _subset(WIDENINGS),
 }
 
 
