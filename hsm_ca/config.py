@@ -38,6 +38,24 @@ class Pkcs11Settings:
 
 
 @dataclass(frozen=True)
+class ServerSettings:
+    """``[server]``: how long ``serve`` waits for clients and how many it holds at once.
+
+    uvicorn alone lets a connection that sends nothing, or half a request, stay
+    open forever, so a few hundred idle sockets exhaust the file descriptors
+    and every request fails. These bound each connection's life and their number.
+    """
+
+    idle_timeout: float = 5.0  # no request in progress: new connections and keep-alive
+    read_timeout: float = 10.0  # from a request's first byte until its headers and body are in
+    write_timeout: float = 30.0  # a response the client stopped reading
+    max_connections: int | None = None  # None: derived from RLIMIT_NOFILE (see hsm_ca.server)
+
+
+OCSP_NONCE_MODES = ("honor", "ignore")
+
+
+@dataclass(frozen=True)
 class HomeConfig:
     """A CA home as described by its ``hsm-ca.toml``."""
 
@@ -48,6 +66,11 @@ class HomeConfig:
     officer: str = DEFAULT_OFFICER
     pkcs11: Pkcs11Settings | None = None
     ocsp_cache_seconds: int = 300
+    # a nonce makes the HSM sign afresh and adds an audit row, so it is rationed per client
+    ocsp_nonces: str = "honor"
+    ocsp_nonce_rate: float = 2.0  # nonce signatures per second per client address
+    ocsp_nonce_burst: int = 20
+    server: ServerSettings = field(default_factory=ServerSettings)
     nodes: tuple[Path, ...] = ()
     partition_id: str | None = None
     configured_user: str | None = None  # the file's user; ``user`` may come from $HSM_CA_USER
@@ -83,8 +106,8 @@ def resolve_home(flag: str | None) -> Path:
 def _toml_value(value: Any) -> str:
     if isinstance(value, bool):
         return "true" if value else "false"
-    if isinstance(value, int):
-        return str(value)
+    if isinstance(value, int | float):
+        return repr(value)
     escaped = str(value).replace("\\", "\\\\").replace('"', '\\"')
     return f'"{escaped}"'
 
@@ -104,6 +127,17 @@ def render_config(cfg: HomeConfig) -> str:
     if cfg.nodes:
         lines.append("# replica partitions of the built-in engine (hsm-ca hsm node add)")
         lines.append("nodes = [" + ", ".join(_toml_value(str(n)) for n in cfg.nodes) + "]")
+    defaults = HomeConfig(home=cfg.home)
+    for key in ("ocsp_nonces", "ocsp_nonce_rate", "ocsp_nonce_burst"):
+        if getattr(cfg, key) != getattr(defaults, key):
+            lines.append(f"{key} = {_toml_value(getattr(cfg, key))}")
+    if cfg.server != defaults.server:
+        lines.append("")
+        lines.append("[server]")
+        for key in SERVER_KEYS:
+            value = getattr(cfg.server, key)
+            if value is not None and value != getattr(defaults.server, key):
+                lines.append(f"{key} = {_toml_value(value)}")
     if cfg.pkcs11:
         lines.append("")
         lines.append("[pkcs11]")
@@ -118,7 +152,53 @@ def render_config(cfg: HomeConfig) -> str:
 
 
 _TOP_KEYS = {"engine", "base_url", "user", "officer", "ocsp_cache_seconds", "pkcs11", "nodes",
-             "partition_id"}
+             "partition_id", "ocsp_nonces", "ocsp_nonce_rate", "ocsp_nonce_burst", "server"}
+SERVER_KEYS = ("idle_timeout", "read_timeout", "write_timeout", "max_connections")
+_MAX_TIMEOUT = 86_400.0  # a day: anything longer is a typo, and huge floats overflow call_later
+
+
+def _number(path: Path, field_name: str, value: Any, *, low: float, high: float,
+            integer: bool = False) -> Any:
+    """A number setting within [low, high]; the error names the file and the field."""
+    kind = "an integer" if integer else "a number"
+    ok_type = isinstance(value, int) if integer else isinstance(value, int | float)
+    if isinstance(value, bool) or not ok_type or not low <= value <= high:
+        raise ConfigError(f"{path}: field {field_name!r} must be {kind} from {low:g} to {high:g}")
+    return value
+
+
+def _ocsp_settings(path: Path, data: dict[str, Any]) -> dict[str, Any]:
+    """The top-level OCSP nonce settings (``ocsp_nonces``, ``ocsp_nonce_rate``, ``_burst``)."""
+    mode = data.get("ocsp_nonces", "honor")
+    if mode not in OCSP_NONCE_MODES:
+        raise ConfigError(f"{path}: field 'ocsp_nonces' must be 'honor' or 'ignore'")
+    rate = _number(path, "ocsp_nonce_rate", data.get("ocsp_nonce_rate", 2.0), low=0, high=1e6)
+    burst = _number(path, "ocsp_nonce_burst", data.get("ocsp_nonce_burst", 20), low=0, high=1e6,
+                    integer=True)
+    return {"ocsp_nonces": mode, "ocsp_nonce_rate": float(rate), "ocsp_nonce_burst": burst}
+
+
+def _server_settings(path: Path, section: Any) -> ServerSettings:
+    """``[server]``: timeouts in seconds (greater than 0) and an optional connection cap."""
+    if section is None:
+        return ServerSettings()
+    if not isinstance(section, dict):
+        raise ConfigError(f"{path}: field 'server' must be a [server] table")
+    for key in section:
+        if key not in SERVER_KEYS:
+            raise ConfigError(f"{path}: unknown field 'server.{key}'")
+    values: dict[str, Any] = {}
+    for key in ("idle_timeout", "read_timeout", "write_timeout"):
+        if key in section:
+            value = _number(path, f"server.{key}", section[key], low=0, high=_MAX_TIMEOUT)
+            if value == 0:
+                raise ConfigError(f"{path}: field 'server.{key}' must be greater than 0")
+            values[key] = float(value)
+    if "max_connections" in section:
+        values["max_connections"] = _number(path, "server.max_connections",
+                                            section["max_connections"], low=1, high=1 << 20,
+                                            integer=True)
+    return ServerSettings(**values)
 
 
 def load_config(home: Path) -> HomeConfig:
@@ -166,7 +246,11 @@ def load_config(home: Path) -> HomeConfig:
     if not isinstance(nodes, list) or not all(isinstance(n, str) and n for n in nodes):
         raise ConfigError(f"{path}: field 'nodes' must be a list of directory paths")
     base_url = data.get("base_url")
+    ocsp_settings = _ocsp_settings(path, data)
+    server = _server_settings(path, data.get("server"))
     return HomeConfig(
+        **ocsp_settings,
+        server=server,
         nodes=tuple(Path(n) for n in nodes),
         partition_id=data.get("partition_id") if isinstance(data.get("partition_id"), str) else None,
         configured_user=data.get("user", DEFAULT_USER),

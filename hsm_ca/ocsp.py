@@ -6,12 +6,29 @@ most once per certificate per cache interval; a revocation bumps the store's
 revocation epoch, which empties the cache at the next request, in this process
 or any other. Requests with a nonce are signed fresh so the nonce can be
 echoed. Every signature is one audit record.
+
+A fresh signature costs an HSM operation and a durable audit row, so a client
+must not be able to ask for them without bound. With ``ocsp_nonces = "ignore"``
+nonces are not echoed at all (RFC 5019 section 4 allows it) and every answer
+comes from the cache. With ``"honor"`` (the default) each client address (IPv6
+by /64) has a token bucket, ``ocsp_nonce_rate`` per second up to
+``ocsp_nonce_burst``: a nonce signature or a signature for a serial this CA
+never issued takes a token. Over the limit a nonce request gets the cached
+answer without the nonce, which RFC 6960/8954 clients accept as a valid
+response (openssl warns "no nonce in response" and verifies it; browsers send
+no nonce at all), whereas ``tryLater`` makes them fail or soft-fail; only a
+never-issued serial over the limit gets ``tryLater`` (nothing is cached for it,
+and nothing is lost by refusing). Answers from the cache, and filling the cache
+for an issued certificate (at most one signature per certificate per cache
+interval), are never limited. The buckets live in this process's memory: they
+bound signatures per ``serve`` process, not per home.
 """
 
 from __future__ import annotations
 
 import datetime as _dt
 import hashlib
+import ipaddress
 import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -59,6 +76,59 @@ class OcspAnswer:
     status: str = "malformed"
 
 
+class TokenBuckets:
+    """A token bucket per client address: ``rate`` tokens per second, at most ``burst``.
+
+    IPv6 addresses are counted by their /64 (one host usually has a whole /64).
+    Memory is bounded: past ``max_clients`` addresses, the buckets that have
+    refilled (a client that stopped asking) are dropped, since a new bucket is
+    exactly a full one; if all are in use, all are dropped, which can only
+    grant more tokens, never fewer, for one refill period.
+    """
+
+    def __init__(self, rate: float, burst: int, *, max_clients: int = 65_536,
+                 clock: Any = time.monotonic) -> None:
+        self.rate = rate
+        self.burst = burst
+        self.max_clients = max_clients
+        self.clock = clock
+        self._buckets: dict[str, tuple[float, float]] = {}  # key -> (tokens, at)
+
+    @staticmethod
+    def key(client: str) -> str:
+        try:
+            address = ipaddress.ip_address(client)
+        except ValueError:
+            return client
+        if isinstance(address, ipaddress.IPv6Address):
+            if address.ipv4_mapped is not None:
+                return str(address.ipv4_mapped)
+            return str(ipaddress.IPv6Network((address, 64), strict=False))
+        return str(address)
+
+    def take(self, client: str) -> bool:
+        """Spend one token of ``client``'s bucket; False when it is empty."""
+        now = self.clock()
+        key = self.key(client)
+        tokens, at = self._buckets.get(key, (float(self.burst), now))
+        tokens = min(float(self.burst), tokens + (now - at) * self.rate)
+        if tokens < 1:
+            self._buckets[key] = (tokens, now)
+            return False
+        if key not in self._buckets and len(self._buckets) >= self.max_clients:
+            self._prune(now)
+        self._buckets[key] = (tokens - 1, now)
+        return True
+
+    def _prune(self, now: float) -> None:
+        full = [k for k, (tokens, at) in self._buckets.items()
+                if tokens + (now - at) * self.rate >= self.burst]
+        for k in full:
+            del self._buckets[k]
+        if len(self._buckets) >= self.max_clients:
+            self._buckets.clear()
+
+
 @dataclass
 class _Signer:
     ca: CaRecord
@@ -78,11 +148,15 @@ class OcspResponder:
         *,
         cache_seconds: int | None = None,
         validity: _dt.timedelta = _dt.timedelta(hours=24),
+        nonces: str | None = None,
+        limiter: TokenBuckets | None = None,
     ) -> None:
+        config = authority.config
         self.authority = authority
-        self.cache_seconds = (
-            authority.config.ocsp_cache_seconds if cache_seconds is None else cache_seconds
-        )
+        self.cache_seconds = config.ocsp_cache_seconds if cache_seconds is None else cache_seconds
+        self.nonces = config.ocsp_nonces if nonces is None else nonces
+        self.limiter = limiter or TokenBuckets(config.ocsp_nonce_rate, config.ocsp_nonce_burst)
+        self.limited = 0  # requests answered without a fresh signature because of the limit
         self.validity = validity
         self._ids: dict[tuple[str, bytes, bytes], str] = {}
         self._ca_count: Any = None
@@ -151,8 +225,13 @@ class OcspResponder:
         return signer
 
     # ------------------------------------------------------------- respond
-    def respond(self, data: bytes, ca_hint: str | None = None) -> OcspAnswer:
-        """Always a DER OCSPResponse: malformed input gets malformedRequest, never an exception."""
+    def respond(self, data: bytes, ca_hint: str | None = None,
+                client: str | None = None) -> OcspAnswer:
+        """Always a DER OCSPResponse: malformed input gets malformedRequest, never an exception.
+
+        ``client`` is the network address fresh signatures are rationed by; None
+        (an in-process caller, who holds the PIN anyway) is not rationed.
+        """
         if not data or len(data) > MAX_REQUEST:
             return OcspAnswer(MALFORMED)
         try:
@@ -169,15 +248,21 @@ class OcspResponder:
             return OcspAnswer(MALFORMED)
         if nonce is not None and not 1 <= len(nonce) <= MAX_NONCE:
             return OcspAnswer(MALFORMED)
+        if self.nonces == "ignore":
+            nonce = None
         ca_name = self._find_ca(req)
         if ca_name is None or (ca_hint is not None and ca_hint != ca_name):
             return OcspAnswer(UNAUTHORIZED, status="unauthorized")
         try:
-            return self._answer(req, ca_name, nonce)
+            return self._answer(req, ca_name, nonce, client)
         except HsmCaError:
             return OcspAnswer(TRY_LATER, status="tryLater")
 
-    def _answer(self, req: ocsp.OCSPRequest, ca_name: str, nonce: bytes | None) -> OcspAnswer:
+    def _may_sign(self, client: str | None) -> bool:
+        return client is None or self.limiter.take(client)
+
+    def _answer(self, req: ocsp.OCSPRequest, ca_name: str, nonce: bytes | None,
+                client: str | None = None) -> OcspAnswer:
         store = self.authority.store
         epoch = store.revocation_epoch()
         if epoch != self._epoch:  # something was revoked: cached answers and signers may be stale
@@ -186,12 +271,21 @@ class OcspResponder:
             self._epoch = epoch
         key = (ca_name, req.serial_number)
         now_mono = time.monotonic()
+        if nonce is not None and not self._may_sign(client):
+            nonce = None  # over the limit: the shared answer, without the nonce
+            self.limited += 1
         if nonce is None and self.cache_seconds:
             hit = self._cache.get(key)
             if hit is not None and hit[0] > now_mono:
                 return hit[1]
         serial = format_serial(req.serial_number)
         status_row = store.status_of(ca_name, serial)
+        # filling the cache for an issued certificate is bounded by the certificates;
+        # anything else (a never-issued serial, or no cache) is one signature per request
+        if nonce is None and (status_row is None or not self.cache_seconds) \
+                and not self._may_sign(client):
+            self.limited += 1
+            return OcspAnswer(TRY_LATER, status="tryLater")
         now = _dt.datetime.now(_dt.UTC).replace(microsecond=0)
         next_update = now + self.validity
         revocation_time = None
