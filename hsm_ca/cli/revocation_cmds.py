@@ -91,7 +91,12 @@ def crl(name: str, der: bool, delta: bool, output: str | None, pin_file: str | N
 )
 @pin_file_option
 def serve(host: str, port: int, log_level: str, pin_file: str | None) -> None:
-    """Serve CA certificates, CRLs, OCSP and time stamps over HTTP."""
+    """Serve CA certificates, CRLs, OCSP and time stamps over HTTP.
+
+    Timeouts and the connection cap are read from [server] in hsm-ca.toml
+    (idle_timeout, read_timeout, write_timeout in seconds, max_connections);
+    OCSP nonces from ocsp_nonces, ocsp_nonce_rate and ocsp_nonce_burst.
+    """
     from hsm_ca.server import serve as run
 
     auth = state().authority(pin_file)

@@ -1,0 +1,555 @@
+"""``hsm-ca serve`` against hostile clients: idle and half-sent connections, more
+connections than file descriptors, nonce floods, exact CRL routes, HEAD, 404s, bind errors.
+
+Every server here is a real ``python -m hsm_ca serve`` process on a free loopback
+port, configured through the home's ``hsm-ca.toml`` (``[server]`` timeouts are
+short so the suite runs in seconds); clients are raw sockets, http.client and the
+openssl CLI. Findings of issue 13: 3 (timeouts, connection cap), 5 (routing),
+14 (bind error, HEAD, 404), 16 (nonce ration).
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import re
+import resource
+import selectors
+import signal
+import socket
+import sqlite3
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from conftest import TEST_SCRYPT_N, USER_PIN, make_csr, run_process
+from cryptography import x509
+from cryptography.x509 import ocsp
+
+sys.path.insert(0, str(Path(__file__).parent / "interop"))
+from revocation_support import (  # noqa: E402
+    check_ocsp_signature,
+    free_port,
+    nonce_of,
+    ocsp_get_path,
+    ocsp_line,
+    ocsp_request,
+    run_openssl,
+)
+
+SUCCESSFUL = ocsp.OCSPResponseStatus.SUCCESSFUL
+
+
+# ----------------------------------------------------------------- the home
+def hsm(home: Path, *args: str) -> str:
+    r = run_process(home, *args)
+    assert r.returncode == 0, f"hsm-ca {' '.join(args)} exited {r.returncode}: {r.stderr}"
+    return r.stdout
+
+
+@dataclass
+class Home:
+    path: Path
+    dir: Path
+    root: Path  # PEM files
+    issuing: Path
+    good: Path
+    original_config: str
+
+    def cert(self, path: Path) -> x509.Certificate:
+        return x509.load_pem_x509_certificates(path.read_bytes())[0]
+
+    def configure(self, text: str) -> None:
+        """The home's config as ``init`` wrote it (no tables), plus TEXT's keys and tables."""
+        top, bracket, tables = text.partition("[")
+        (self.path / "hsm-ca.toml").write_text(
+            top + self.original_config + ("\n" + bracket + tables if bracket else ""))
+
+    def ocsp_rows(self) -> int:
+        with sqlite3.connect(f"file:{self.path / 'ca.db'}?mode=ro", uri=True) as db:
+            return int(db.execute("SELECT count(*) FROM audit WHERE action = 'ocsp'").fetchone()[0])
+
+
+@pytest.fixture(scope="module")
+def home(tmp_path_factory: pytest.TempPathFactory) -> Home:
+    d = tmp_path_factory.mktemp("serve")
+    h = d / "home"
+    hsm(h, "init", "--scrypt-n", str(TEST_SCRYPT_N))
+    hsm(h, "ca", "create-root", "root", "--subject", "CN=Hardening Root,O=Test")
+    hsm(h, "ca", "create-intermediate", "issuing", "--parent", "root",
+        "--subject", "CN=Hardening Issuing,O=Test", "--path-length", "0")
+    csr = d / "good.csr"
+    csr.write_bytes(make_csr(cn=None, dns=["good.example.com"]))
+    good = d / "good.pem"
+    hsm(h, "sign", str(csr), "--ca", "issuing", "--profile", "tls-server", "-o", str(good))
+    root, issuing = d / "root.pem", d / "issuing.pem"
+    hsm(h, "ca", "export", "root", "-o", str(root))
+    hsm(h, "ca", "export", "issuing", "-o", str(issuing))
+    return Home(h, d, root, issuing, good, (h / "hsm-ca.toml").read_text())
+
+
+# --------------------------------------------------------------- the server
+class Server:
+    """``hsm-ca serve`` as a process; ``nofile`` lowers its RLIMIT_NOFILE (soft and hard)."""
+
+    def __init__(self, home: Home, *, nofile: int | None = None) -> None:
+        self.home = home
+        self.port = free_port()
+        self.log = home.dir / f"serve-{self.port}.log"
+        self.nofile = nofile
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def __enter__(self) -> Server:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("HSM_CA_")}
+        env["HSM_CA_PIN"] = USER_PIN
+        nofile = self.nofile
+
+        def limit() -> None:
+            if nofile is not None:
+                resource.setrlimit(resource.RLIMIT_NOFILE, (nofile, nofile))
+
+        with self.log.open("wb") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "hsm_ca", "--home", str(self.home.path), "serve",
+                 "--host", "127.0.0.1", "--port", str(self.port)],
+                stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=env,
+                preexec_fn=limit,
+            )
+        deadline = time.monotonic() + 20
+        while True:
+            assert self.proc.poll() is None, f"serve exited {self.proc.returncode}:\n{self.tail()}"
+            try:
+                if self.request("GET", "/health", timeout=1).status == 200:
+                    return self
+            except OSError:
+                pass
+            assert time.monotonic() < deadline, f"serve did not start:\n{self.tail()}"
+            time.sleep(0.1)
+
+    def __exit__(self, *exc: object) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(timeout=15)
+
+    def tail(self) -> str:
+        return "\n".join(self.log.read_text(errors="replace").splitlines()[-30:])
+
+    def open_fds(self) -> int:
+        assert self.proc is not None
+        return len(os.listdir(f"/proc/{self.proc.pid}/fd"))
+
+    def request(self, method: str, path: str, body: bytes | None = None,
+                headers: dict[str, str] | None = None, timeout: float = 5,
+                source: str | None = None) -> http.client.HTTPResponse:
+        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=timeout,
+                                          source_address=(source, 0) if source else None)
+        conn.request(method, path, body=body, headers=headers or {})
+        r = conn.getresponse()
+        r.body = r.read()  # type: ignore[attr-defined]
+        conn.close()
+        return r
+
+    def ocsp(self, der: bytes, source: str | None = None) -> ocsp.OCSPResponse:
+        r = self.request("POST", "/ocsp/issuing", der,
+                         {"Content-Type": "application/ocsp-request"}, source=source)
+        assert r.status == 200, (r.status, r.body)  # type: ignore[attr-defined]
+        return ocsp.load_der_ocsp_response(r.body)  # type: ignore[attr-defined]
+
+
+def connect(port: int, opening: bytes = b"") -> socket.socket:
+    s = socket.create_connection(("127.0.0.1", port), timeout=5)
+    if opening:
+        s.sendall(opening)
+    return s
+
+
+def closed_within(socks: dict[str, socket.socket], limit: float) -> dict[str, float]:
+    """When (time.monotonic) the server closed each socket (EOF or reset); inf if not in LIMIT s."""
+    sel = selectors.DefaultSelector()
+    t0 = time.monotonic()
+    for name, s in socks.items():
+        s.setblocking(False)
+        sel.register(s, selectors.EVENT_READ, name)
+    closed: dict[str, float] = {}
+    while len(closed) < len(socks) and time.monotonic() - t0 < limit:
+        for key, _ in sel.select(timeout=0.05):
+            try:
+                data = key.fileobj.recv(65536)  # type: ignore[union-attr]
+            except ConnectionError:
+                data = b""
+            if not data:
+                closed[key.data] = time.monotonic()
+                sel.unregister(key.fileobj)
+    sel.close()
+    return {name: closed.get(name, float("inf")) for name in socks}
+
+
+# ================================================= finding 3: timeouts and cap
+def test_half_sent_requests_and_idle_sockets_are_closed_within_the_timeouts(home: Home) -> None:
+    home.configure("[server]\nidle_timeout = 1\nread_timeout = 2\n")
+    with Server(home) as srv:
+        first = {
+            "nothing": b"",  # connects and never sends a request
+            "one byte": b"P",
+            "half headers": b"POST /ocsp/issuing HTTP/1.1\r\nHost: t\r\n",
+            "half body": b"POST /ocsp/issuing HTTP/1.1\r\nHost: t\r\nContent-Type: "
+                         b"application/ocsp-request\r\nContent-Length: 1000\r\n\r\n0\x82",
+        }
+        opened: dict[str, float] = {}
+        socks: dict[str, socket.socket] = {}
+        for name, data in first.items():
+            opened[name] = time.monotonic()
+            socks[name] = connect(srv.port, data)
+        keep_alive = connect(srv.port, b"GET /health HTTP/1.1\r\nHost: t\r\n\r\n")
+        assert keep_alive.recv(65536).startswith(b"HTTP/1.1 200 ")  # an answered keep-alive
+        opened["keep-alive"], socks["keep-alive"] = time.monotonic(), keep_alive
+
+        # a header byte every 0.3 s must not keep a half-sent request alive
+        def dribble() -> float:
+            s = connect(srv.port, b"GET /health HTTP/1.1\r\n")
+            t0 = time.monotonic()
+            try:
+                while time.monotonic() - t0 < 5:
+                    s.sendall(b"X")
+                    time.sleep(0.3)
+            except OSError:
+                return time.monotonic() - t0
+            finally:
+                s.close()
+            return float("inf")
+
+        with ThreadPoolExecutor(1) as pool:
+            dribbled = pool.submit(dribble)
+            closed = closed_within(socks, 6)
+            times = {name: closed[name] - opened[name] for name in socks}
+            times["dribble"] = dribbled.result()
+        assert srv.proc is not None and srv.proc.poll() is None, srv.tail()
+        for name in ("nothing", "keep-alive"):  # idle: 1 s
+            assert 0.7 < times[name] < 2.5, (name, times)
+        for name in ("one byte", "half headers", "half body", "dribble"):  # reading: 2 s
+            assert 1.7 < times[name] < 3.5, (name, times)
+        for s in socks.values():
+            s.close()
+        assert srv.request("GET", "/health").status == 200
+
+
+def test_header_flood_is_refused_not_buffered(home: Home) -> None:
+    home.configure("")
+    with Server(home) as srv:
+        s = connect(srv.port, b"GET /health HTTP/1.1\r\nX-Long: ")
+        sent = 0
+        with pytest.raises(OSError):  # reset once the server refused, not after gigabytes
+            while sent < 64 * 1024 * 1024:
+                s.sendall(b"a" * 65536)
+                sent += 65536
+        assert sent < 8 * 1024 * 1024, sent
+        s.close()
+        assert srv.request("GET", "/health").status == 200
+
+
+def _log_cap(srv: Server) -> int:
+    m = re.search(r"at most (\d+) connections", srv.log.read_text())
+    assert m, srv.tail()
+    return int(m.group(1))
+
+
+def test_more_idle_connections_than_the_cap_and_the_fd_limit(home: Home) -> None:
+    """RLIMIT_NOFILE 192 and 260 idle or half-sent sockets held open: still answered."""
+    home.configure("")  # the default idle timeout (5 s) outlives this test's phase
+    leaf, issuing = home.cert(home.good), home.cert(home.issuing)
+    nofile = 192
+    with Server(home, nofile=nofile) as srv:
+        held: list[socket.socket] = []
+        try:
+            for i in range(260):
+                held.append(connect(srv.port, b"" if i % 2 else b"GET /health HTTP/1.1\r\n"))
+            t0 = time.monotonic()
+            for _ in range(3):
+                assert srv.request("GET", "/health").status == 200
+                resp = srv.ocsp(ocsp_request(leaf, issuing, nonce=os.urandom(16)))
+                assert resp.response_status == SUCCESSFUL
+                assert resp.certificate_status == ocsp.OCSPCertStatus.GOOD
+                check_ocsp_signature(resp, issuing)
+                r = srv.request("GET", ocsp_get_path("issuing", ocsp_request(leaf, issuing)))
+                assert r.status == 200
+            assert time.monotonic() - t0 < 5  # not waiting for the idle timeout to free room
+            assert srv.open_fds() < nofile - 32, srv.open_fds()
+        finally:
+            for s in held:
+                s.close()
+        assert srv.proc is not None and srv.proc.poll() is None, srv.tail()
+        cap = _log_cap(srv)  # derived from the limit, leaving room for the home's files
+        assert 8 <= cap < nofile - 64, cap
+
+
+def test_a_configured_cap_holds(home: Home) -> None:
+    home.configure("[server]\nmax_connections = 10\nidle_timeout = 30\n")
+    with Server(home) as srv:
+        assert _log_cap(srv) == 10
+        time.sleep(0.2)
+        baseline = srv.open_fds()
+        held = [connect(srv.port) for _ in range(30)]
+        try:
+            assert srv.request("GET", "/health").status == 200
+            time.sleep(0.3)
+            assert srv.open_fds() - baseline <= 10, (baseline, srv.open_fds())  # evicted: closed
+        finally:
+            for s in held:
+                s.close()
+
+
+@pytest.mark.parametrize("setting, message", [
+    ("idle_timeout = 0", "'server.idle_timeout' must be greater than 0"),
+    ("read_timeout = \"10\"", "'server.read_timeout' must be a number"),
+    ("max_connections = 0", "'server.max_connections' must be an integer"),
+    ("max_connections = 2.5", "'server.max_connections' must be an integer"),
+    ("header_timeout = 3", "unknown field 'server.header_timeout'"),
+])
+def test_bad_server_settings_name_file_and_field(home: Home, setting: str, message: str) -> None:
+    home.configure(f"[server]\n{setting}\n")
+    try:
+        r = run_process(home.path, "serve", "--port", str(free_port()))
+    finally:
+        home.configure("")
+    assert r.returncode == 1, r
+    assert r.stderr.startswith("Error: ") and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert "hsm-ca.toml" in r.stderr and message in r.stderr, r.stderr
+
+
+# ========================================= finding 14: bind, HEAD, 404, 405
+def test_port_in_use_is_one_error_line_exit_1(home: Home) -> None:
+    home.configure("")
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        r = run_process(home.path, "serve", "--host", "127.0.0.1", "--port", str(port))
+    assert r.returncode == 1, (r.returncode, r.stderr)
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("Error: "), r.stderr
+    assert f"127.0.0.1:{port}" in lines[0] and "in use" in lines[0], lines
+
+
+@pytest.fixture(scope="module")
+def plain(home: Home) -> Iterator[Server]:
+    home.configure("")
+    with Server(home) as srv:
+        yield srv
+
+
+def test_head_is_answered_like_get(home: Home, plain: Server) -> None:
+    leaf, issuing = home.cert(home.good), home.cert(home.issuing)
+    paths = ["/health", "/healthz", "/ca/root.pem", "/ca/issuing.crt", "/ca/root.der",
+             "/crl/issuing.crl", "/crl/issuing-delta.crl",
+             ocsp_get_path("issuing", ocsp_request(leaf, issuing))]
+    for path in paths:
+        get = plain.request("GET", path)
+        head = plain.request("HEAD", path)
+        assert get.status == 200 and head.status == 200, (path, get.status, head.status)
+        assert head.body == b"", path  # type: ignore[attr-defined]
+        for name in ("content-type", "content-length", "cache-control"):
+            if name == "content-length" and path == "/health":
+                continue  # uptime may have ticked over a digit
+            assert head.getheader(name) == get.getheader(name), (path, name)
+        assert int(head.getheader("content-length") or -1) > 0, path
+
+
+def test_unknown_ca_404_names_no_ca_and_echoes_nothing(plain: Server) -> None:
+    probe = "nosuchca"
+    for path in (f"/ca/{probe}.pem", f"/ca/{probe}.crt", f"/crl/{probe}.crl",
+                 f"/crl/{probe}-delta.crl", f"/crl/{'x' * 64}-delta.crl"):
+        r = plain.request("GET", path)
+        body = r.body.decode()  # type: ignore[attr-defined]
+        assert r.status == 404, (path, r.status)
+        assert body == "unknown CA\n", (path, body)
+        h = plain.request("HEAD", path)
+        assert h.status == 404 and h.body == b"", path  # type: ignore[attr-defined]
+    r = plain.request("GET", "/nothing/here/" + "A" * 100)
+    assert r.status == 404 and b"A" not in r.body  # type: ignore[attr-defined]
+
+
+def test_405_says_which_methods_are_allowed(plain: Server) -> None:
+    for method, path, allow in (("POST", "/health", "GET, HEAD"),
+                                ("PUT", "/ca/root.pem", "GET, HEAD"),
+                                ("DELETE", "/crl/root.crl", "GET, HEAD"),
+                                ("PUT", "/ocsp/issuing", "POST")):
+        r = plain.request(method, path)
+        assert r.status == 405 and r.getheader("allow") == allow, (method, path, r.status)
+
+
+# ============================================ finding 5: exact CRL routing
+def _crl(srv: Server, name: str) -> x509.CertificateRevocationList:
+    r = srv.request("GET", f"/crl/{name}.crl")
+    assert r.status == 200, (name, r.status, r.body)  # type: ignore[attr-defined]
+    return x509.load_der_x509_crl(r.body)  # type: ignore[attr-defined]
+
+
+def _is_delta(crl: x509.CertificateRevocationList) -> bool:
+    try:
+        crl.extensions.get_extension_for_class(x509.DeltaCRLIndicator)
+    except x509.ExtensionNotFound:
+        return False
+    return True
+
+
+def test_crl_routes_resolve_to_exactly_one_ca_and_kind(
+    tmp_path: Path,
+) -> None:
+    """A home from before the "-delta" name rule: CA ``foo`` beside CA ``foo-delta``.
+
+    The rule now refuses to create ``foo-delta``, so the legacy CA is made as
+    ``legacy`` and renamed in the database, as an old home would hold it.
+    """
+    h = tmp_path / "home"
+    hsm(h, "init", "--scrypt-n", str(TEST_SCRYPT_N))
+    hsm(h, "ca", "create-root", "foo", "--subject", "CN=Foo Root")
+    hsm(h, "ca", "create-root", "legacy", "--subject", "CN=Foo Delta Root")
+    with sqlite3.connect(h / "ca.db") as db:
+        db.execute("UPDATE cas SET name = 'foo-delta' WHERE name = 'legacy'")
+        for table in ("certificates", "serials", "crls"):
+            db.execute(f"UPDATE {table} SET ca = 'foo-delta' WHERE ca = 'legacy'")
+    legacy = Home(h, tmp_path, h, h, h, (h / "hsm-ca.toml").read_text())
+    with Server(legacy) as srv:
+        cases = {
+            "foo": ("CN=Foo Root", False),
+            "foo-delta": ("CN=Foo Delta Root", False),  # the CA's own full CRL
+            "foo-delta-delta": ("CN=Foo Delta Root", True),
+        }
+        for stem, (issuer, delta) in cases.items():
+            crl = _crl(srv, stem)
+            assert crl.issuer.rfc4514_string() == issuer, stem
+            assert _is_delta(crl) is delta, stem
+        for stem in ("bar", "bar-delta", "foo-delta-delta-delta", "Foo", "FOO-delta"):
+            r = srv.request("GET", f"/crl/{stem}.crl")
+            assert r.status == 404 and r.body == b"unknown CA\n", stem  # type: ignore[attr-defined]
+
+
+def test_delta_route_of_an_ordinary_ca(plain: Server) -> None:
+    full, delta = _crl(plain, "issuing"), _crl(plain, "issuing-delta")
+    assert not _is_delta(full) and _is_delta(delta)
+    assert full.issuer == delta.issuer
+
+
+# ============================================== finding 16: OCSP nonces
+def _openssl_ocsp(home: Home, srv: Server, *args: str) -> subprocess.CompletedProcess[str]:
+    return run_openssl("ocsp", "-issuer", home.issuing, *args, "-url",
+                       f"http://127.0.0.1:{srv.port}/ocsp/issuing", "-CAfile", home.root,
+                       "-timeout", "10")
+
+
+def test_ignore_answers_nonce_requests_from_the_cache(home: Home) -> None:
+    home.configure('ocsp_nonces = "ignore"\n')
+    leaf, issuing = home.cert(home.good), home.cert(home.issuing)
+    with Server(home) as srv:
+        cached = srv.ocsp(ocsp_request(leaf, issuing))
+        rows = home.ocsp_rows()
+        for _ in range(5):
+            resp = srv.ocsp(ocsp_request(leaf, issuing, nonce=os.urandom(16)))
+            assert nonce_of(resp) is None
+            assert resp.tbs_response_bytes == cached.tbs_response_bytes
+        r = _openssl_ocsp(home, srv, "-cert", str(home.good))
+        assert r.returncode == 0 and "Response verify OK" in r.stderr + r.stdout, r
+        assert "no nonce in response" in r.stderr + r.stdout
+        assert ocsp_line(r.stdout, str(home.good)) == "good"
+        assert home.ocsp_rows() == rows  # no signature, no audit row
+
+
+def test_honor_rations_nonce_signatures_per_client_address(home: Home) -> None:
+    rate, burst = 0.5, 3
+    home.configure(f'ocsp_nonces = "honor"\nocsp_nonce_rate = {rate}\nocsp_nonce_burst = {burst}\n')
+    leaf, issuing = home.cert(home.good), home.cert(home.issuing)
+    with Server(home) as srv:
+        rows = home.ocsp_rows()
+        t0 = time.monotonic()
+        runs = [_openssl_ocsp(home, srv, "-cert", str(home.good)) for _ in range(12)]
+        elapsed = time.monotonic() - t0
+        signed = home.ocsp_rows() - rows
+        # burst + refill, plus the one shared (cached) answer the rest are given
+        assert burst <= signed <= burst + int(rate * elapsed) + 1, (signed, elapsed)
+        echoed = 0
+        for r in runs:
+            out = r.stdout + r.stderr
+            assert r.returncode == 0 and "Response verify OK" in out, out
+            assert ocsp_line(r.stdout, str(home.good)) == "good", out
+            echoed += "no nonce in response" not in out
+        assert burst <= echoed <= burst + int(rate * elapsed), (echoed, elapsed)
+
+        # another address has a bucket of its own
+        nonce = os.urandom(16)
+        other = srv.ocsp(ocsp_request(leaf, issuing, nonce=nonce), source="127.0.0.2")
+        assert nonce_of(other) == nonce
+        check_ocsp_signature(other, issuing)
+
+        # a never-issued serial has no cached answer: over the limit it is tryLater, unsigned
+        rows = home.ocsp_rows()
+        answers = [srv.ocsp(ocsp_request(None, issuing, serial=int.from_bytes(os.urandom(12)) | 1))
+                   for _ in range(10)]
+        tried_later = [a for a in answers if a.response_status == ocsp.OCSPResponseStatus.TRY_LATER]
+        assert len(tried_later) >= 8, [a.response_status for a in answers]
+        assert home.ocsp_rows() - rows <= 2
+        # cached answers stay unlimited
+        for _ in range(50):
+            assert srv.ocsp(ocsp_request(leaf, issuing)).certificate_status == \
+                ocsp.OCSPCertStatus.GOOD
+        health = json.loads(srv.request("GET", "/health").body)  # type: ignore[attr-defined]
+        assert health["status"] == "ok"
+
+
+@pytest.mark.parametrize("setting, message", [
+    ('ocsp_nonces = "sometimes"', "'ocsp_nonces' must be 'honor' or 'ignore'"),
+    ("ocsp_nonce_rate = -1", "'ocsp_nonce_rate' must be a number"),
+    ("ocsp_nonce_burst = 1.5", "'ocsp_nonce_burst' must be an integer"),
+    ("ocsp_nonce_burst = true", "'ocsp_nonce_burst' must be an integer"),
+])
+def test_bad_nonce_settings_name_file_and_field(home: Home, setting: str, message: str) -> None:
+    home.configure(setting + "\n")
+    try:
+        r = run_process(home.path, "ca", "list")
+    finally:
+        home.configure("")
+    assert r.returncode == 1 and r.stderr.startswith("Error: "), r
+    assert "hsm-ca.toml" in r.stderr and message in r.stderr, r.stderr
+
+
+def test_token_buckets_key_ipv6_by_64_and_stay_bounded() -> None:
+    from hsm_ca.ocsp import TokenBuckets
+
+    now = [0.0]
+    b = TokenBuckets(1.0, 2, max_clients=100, clock=lambda: now[0])
+    assert b.take("2001:db8::1") and b.take("2001:db8::ffff:1")  # one /64
+    assert not b.take("2001:db8:0:0:1::9")
+    assert b.take("2001:db8:0:1::1")  # the next /64
+    assert b.take("::ffff:192.0.2.1") and b.take("192.0.2.1") and not b.take("192.0.2.1")
+    now[0] = 1.0
+    assert b.take("192.0.2.1") and not b.take("192.0.2.1")  # one token a second
+    for i in range(1000):
+        b.take(f"10.0.{i // 256}.{i % 256}")
+    assert len(b._buckets) <= 100
+
+
+
+def test_config_rewrite_keeps_server_and_nonce_settings(home: Home) -> None:
+    """``hsm node add`` rewrites hsm-ca.toml: the settings above must survive it."""
+    from hsm_ca.config import load_config, write_config
+
+    home.configure('ocsp_nonces = "ignore"\nocsp_nonce_rate = 0.25\nocsp_nonce_burst = 7\n'
+                   "[server]\nidle_timeout = 2.5\nread_timeout = 4\nmax_connections = 99\n")
+    try:
+        cfg = load_config(home.path)
+        assert (cfg.ocsp_nonces, cfg.ocsp_nonce_rate, cfg.ocsp_nonce_burst) == ("ignore", 0.25, 7)
+        assert (cfg.server.idle_timeout, cfg.server.read_timeout, cfg.server.write_timeout,
+                cfg.server.max_connections) == (2.5, 4.0, 30.0, 99)
+        write_config(cfg)
+        assert load_config(home.path) == cfg
+    finally:
+        home.configure("")
