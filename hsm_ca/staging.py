@@ -29,6 +29,7 @@ KINDS = ("init", "restore")
 # without an owner file is taken for stale only once it is clearly older than that moment
 ORPHAN_AGE = 60.0
 _NAME = re.compile(r"^\..+\.(?:init|restore)-[A-Za-z0-9_-]+$")
+_PID = re.compile(r"\.(?:init|restore)-(\d+)-")
 _LEGACY = re.compile(r"^\.restore-[A-Za-z0-9_]+$")  # mkdtemp names of earlier versions
 
 
@@ -85,7 +86,7 @@ def _stale(entry: Path) -> bool:
         legacy = _LEGACY.match(entry.name) is not None
         if legacy and not (entry / "hsm-ca.toml").exists():
             return False  # not ours to judge
-        return age > ORPHAN_AGE
+        return age > ORPHAN_AGE or _owner_gone(entry.name)
     except OSError:
         return False
     try:
@@ -95,6 +96,20 @@ def _stale(entry: Path) -> bool:
     finally:
         os.close(fd)  # closing drops a lock we took; the owner is gone anyway
     return True
+
+
+def _owner_gone(name: str) -> bool:
+    """Killed between creating the directory and its owner file: the pid in its name is gone."""
+    match = _PID.search(name)
+    if match is None:
+        return False
+    try:
+        os.kill(int(match.group(1)), 0)
+    except ProcessLookupError:
+        return True
+    except (OSError, ValueError, OverflowError):
+        return False
+    return False  # alive (or its pid reused): wait for ORPHAN_AGE
 
 
 def sweep(parent: Path) -> list[Path]:
