@@ -17,7 +17,6 @@ import hashlib
 import ipaddress
 import json
 import re
-import tomllib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -196,9 +195,9 @@ class _Loader:
             return default
         value = entry[key]
         if typ is int and (isinstance(value, bool) or not isinstance(value, int)):
-            raise self.fail(table, index, key, f"must be an integer, not {value!r}")
+            raise self.fail(table, index, key, f"must be an integer, not {_shown(value)}")
         if not isinstance(value, typ):
-            raise self.fail(table, index, key, f"must be a {typ.__name__}, not {value!r}")
+            raise self.fail(table, index, key, f"must be a {typ.__name__}, not {_shown(value)}")
         return value
 
     def unique_name(self, table: str, index: int, entry: dict[str, Any], key: str,
@@ -236,9 +235,11 @@ class _Loader:
         return value
 
     def days(self, table: str, index: int, entry: dict[str, Any]) -> int | None:
+        from hsm_ca.profiles import MAX_DAYS
+
         days = self.get(entry, table, index, "days", int)
-        if days is not None and days < 1:
-            raise self.fail(table, index, "days", "must be at least 1")
+        if days is not None and not 1 <= days <= MAX_DAYS:
+            raise self.fail(table, index, "days", f"must be from 1 to {MAX_DAYS}")
         return days
 
     def unknown(self, table: str, index: int, entry: dict[str, Any], allowed: set[str]) -> None:
@@ -299,16 +300,9 @@ def load_spec(path: str | Path, profiles: ProfileStore | None = None,
     path = Path(path)
     profiles = profiles or ProfileStore(None)
     existing = existing_cas or {}
-    try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as e:
-        raise BootstrapError(f"{path}: cannot read: {getattr(e, 'strerror', None) or e}") from e
-    try:
-        data = tomllib.loads(text)
-    except tomllib.TOMLDecodeError as e:
-        m = re.search(r"\(at line (\d+), column (\d+)\)", str(e))
-        where = f"{path}:{m.group(1)}:" if m else f"{path}:"
-        raise BootstrapError(f"{where} not valid TOML: {e}") from e
+    from hsm_ca.config import read_toml
+
+    data, text = read_toml(path, BootstrapError, "bootstrap file")
     ld = _Loader(path, text, profiles)
     for key in data:
         if key not in _TOP_KEYS:
@@ -332,8 +326,10 @@ def load_spec(path: str | Path, profiles: ProfileStore | None = None,
                           "CA names are unique regardless of case")
         parent = ld.get(entry, "ca", i, "parent", str)
         path_length = ld.get(entry, "ca", i, "path_length", int)
-        if path_length is not None and path_length < 0:
-            raise ld.fail("ca", i, "path_length", "must be 0 or more")
+        from hsm_ca.profiles import MAX_PATH_LENGTH
+
+        if path_length is not None and not 0 <= path_length <= MAX_PATH_LENGTH:
+            raise ld.fail("ca", i, "path_length", f"must be from 0 to {MAX_PATH_LENGTH}")
         cas.append(CaSpec(
             name=name,
             subject=ld.dn("ca", i, "subject", ld.get(entry, "ca", i, "subject", str, required=True)),
@@ -390,10 +386,12 @@ def load_spec(path: str | Path, profiles: ProfileStore | None = None,
                 raise ld.fail("certificate", i, "csr",
                               "give either 'csr' or 'subject'/'sans'/'key_out', not both")
             csr_path = ld.resolve("certificate", i, "csr", csr_text)
+            from hsm_ca.fileio import CSR_BYTES, InputError, read_regular_file
+
             try:
-                csr_bytes = csr_path.read_bytes()
-            except OSError as e:
-                raise ld.fail("certificate", i, "csr", f"cannot read {csr_path}: {e.strerror}") from e
+                csr_bytes = read_regular_file(csr_path, CSR_BYTES, "CSR file")
+            except InputError as e:
+                raise ld.fail("certificate", i, "csr", str(e)) from None
             try:
                 check_request(load_csr(csr_bytes, str(csr_path)), profile)
             except HsmCaError as e:
@@ -445,6 +443,12 @@ def load_spec(path: str | Path, profiles: ProfileStore | None = None,
         output = OutputSpec(**{k: ld.resolve("output", 0, k, ld.get(entry, "output", 0, k, str))
                                for k in _OUTPUT_KEYS if k in entry})
     return PkiSpec(path, tuple(cas), tuple(certs), tuple(signers), output)
+
+
+def _shown(value: Any) -> str:
+    """A value from the file for an error message: never more than ~64 characters of it."""
+    text = repr(value)
+    return text if len(text) <= 64 else f"{text[:60]}..."
 
 
 def _first_line(text: str, key: str) -> int:
@@ -625,8 +629,11 @@ def _apply_certificate(authority: Authority, c: CertSpec) -> tuple[str, str]:
         assert c.key_out is not None and c.subject is not None
         key = None
         if c.key_out.exists():  # written by an interrupted run: keep the subscriber's key
+            from hsm_ca.fileio import KEY_FILE_BYTES, read_regular_file
+
             try:
-                key = serialization.load_pem_private_key(c.key_out.read_bytes(), password=None)
+                key = serialization.load_pem_private_key(
+                    read_regular_file(c.key_out, KEY_FILE_BYTES, "key file"), password=None)
             except (ValueError, TypeError) as e:
                 raise HsmCaError(f"{c.key_out} exists but is not a private key we can reuse") from e
         if key is None:
@@ -668,10 +675,21 @@ def _find_by_public_key(authority: Authority, c: CertSpec, public: Any) -> dict[
 
 
 def _write_if_changed(path: Path, data: bytes, mode: int = 0o644) -> bool:
-    if path.exists() and path.read_bytes() == data:
-        return False
+    """Write unless a regular file of the same bytes is there (never reads a device or FIFO)."""
+    import stat
+
+    from hsm_ca.fileio import OutputFile, read_regular_file
+
+    try:
+        st = path.stat()
+        if stat.S_ISREG(st.st_mode) and st.st_size == len(data) \
+                and read_regular_file(path, len(data)) == data:
+            return False
+    except (OSError, HsmCaError):
+        pass
     path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write(path, data, mode)
+    OutputFile(path, mode).write(
+        data, done="what was created is kept; run the bootstrap again once it can be written")
     return True
 
 

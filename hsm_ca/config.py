@@ -7,6 +7,7 @@ objects and tests can build them without touching files or env.
 from __future__ import annotations
 
 import os
+import re
 import sys
 import tomllib
 from collections.abc import Callable
@@ -14,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from hsm_ca.errors import ConfigError
+from hsm_ca.errors import ConfigError, HsmCaError
 
 CONFIG_FILE = "hsm-ca.toml"
 DB_FILE = "ca.db"
@@ -101,6 +102,100 @@ def resolve_home(flag: str | None) -> Path:
     if env:
         return Path(env).expanduser()
     return Path("~/.hsm-ca").expanduser()
+
+
+# ------------------------------------------------------------ TOML files
+MAX_TOML_NESTING = 16
+"""Arrays, inline tables and dotted keys nested deeper than this are refused.
+
+hsm-ca's files nest three levels at most; tomllib recurses per level, so a
+hostile file of ``[[[[...`` would otherwise end in a RecursionError.
+"""
+
+# what may open a nesting level in TOML text, and what must be skipped while counting
+_TOML_TOKEN = re.compile(
+    r'"""(?:[^"\\]|\\.|"(?!""))*"{3,5}|\'\'\'.*?\'{3,5}|"(?:[^"\\\n]|\\.)*"'
+    r"|'[^'\n]*'|#[^\n]*|[\[\]{}]",
+    re.DOTALL,
+)
+
+
+def _toml_line(text: str, pos: int) -> int:
+    return text.count("\n", 0, pos) + 1
+
+
+def _deepest(data: Any) -> tuple[int, str]:
+    """The nesting depth of parsed TOML, and the dotted path to its deepest point."""
+    deepest, where = 0, ""
+    stack: list[tuple[Any, int, str]] = [(data, 0, "")]
+    while stack:
+        value, depth, path = stack.pop()
+        if depth > deepest:
+            deepest, where = depth, path
+        if depth > MAX_TOML_NESTING:
+            break
+        if isinstance(value, dict):
+            stack.extend((v, depth + 1, f"{path}.{k}" if path else str(k)) for k, v in value.items())
+        elif isinstance(value, list):
+            stack.extend((v, depth + 1, f"{path}[{i}]") for i, v in enumerate(value))
+    return deepest, where
+
+
+def parse_toml(text: str, source: str, error: type[HsmCaError] = ConfigError) -> dict[str, Any]:
+    """Parse TOML text, turning every way it can fail into ``error`` naming source and line.
+
+    tomllib raises TOMLDecodeError for syntax, but RecursionError for deep
+    nesting and ValueError for an integer of more than 4,300 digits (Python's
+    int-from-str limit); those reached users as "internal error".
+    """
+    depth = 0
+    for m in _TOML_TOKEN.finditer(text):
+        token = m.group()
+        if token in ("[", "{"):
+            depth += 1
+            if depth > MAX_TOML_NESTING:
+                raise error(f"{source}:{_toml_line(text, m.start())}: nested deeper than "
+                            f"{MAX_TOML_NESTING} levels")
+        elif token in ("]", "}"):
+            depth = max(0, depth - 1)
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        found = re.search(r"\(at line (\d+), column \d+\)", str(e))
+        line = f":{found.group(1)}" if found else ""
+        raise error(f"{source}{line}: not valid TOML: {str(e)[:200]}") from None
+    except RecursionError:
+        raise error(f"{source}: nested deeper than {MAX_TOML_NESTING} levels") from None
+    except ValueError:  # int("1" * 5000): more digits than int() converts
+        digits = re.search(r"[0-9][0-9_]{4000,}", text)
+        line = field = ""
+        if digits:
+            line = f":{_toml_line(text, digits.start())}"
+            start = text.rfind("\n", 0, digits.start()) + 1
+            key = re.match(r"\s*([A-Za-z0-9_.\"'-]{1,64})\s*=", text[start:digits.start()])
+            field = f" field {key.group(1)!r}:" if key else ""
+        raise error(f"{source}{line}:{field} a number with thousands of digits; "
+                    "no setting needs more than a few") from None
+    deepest, where = _deepest(data)
+    if deepest > MAX_TOML_NESTING:
+        raise error(f"{source}: nested deeper than {MAX_TOML_NESTING} levels "
+                    f"(at {where[:64]!r})")
+    return data
+
+
+def read_toml(path: str | Path, error: type[HsmCaError] = ConfigError,
+              what: str = "configuration file") -> tuple[dict[str, Any], str]:
+    """A TOML file (regular, at most fileio.CONFIG_BYTES, UTF-8), parsed; and its text.
+
+    The one reader of hsm-ca's TOML: the home's config, profiles, bootstrap files.
+    """
+    from hsm_ca.fileio import CONFIG_BYTES, InputError, read_text_file
+
+    try:
+        text = read_text_file(path, CONFIG_BYTES, what)
+    except InputError as e:
+        raise error(str(e)) from None
+    return parse_toml(text, str(path), error), text
 
 
 def _toml_value(value: Any) -> str:
@@ -206,22 +301,21 @@ def load_config(home: Path) -> HomeConfig:
     path = home / CONFIG_FILE
     if not path.exists():
         raise ConfigError(f"{home} is not an hsm-ca home (no {CONFIG_FILE}); run 'hsm-ca init'")
-    try:
-        data = tomllib.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as e:
-        raise ConfigError(f"{path}: cannot parse: {e}") from e
+    data, _text = read_toml(path)
     for key in data:
         if key not in _TOP_KEYS:
             raise ConfigError(f"{path}: unknown field {key!r}")
     engine = data.get("engine", "soft")
     if engine not in ("soft", "pkcs11"):
-        raise ConfigError(f"{path}: field 'engine' must be 'soft' or 'pkcs11', not {engine!r}")
+        raise ConfigError(
+            f"{path}: field 'engine' must be 'soft' or 'pkcs11', not {repr(engine)[:64]}")
     for key in ("base_url", "user", "officer"):
         if key in data and not isinstance(data[key], str):
             raise ConfigError(f"{path}: field {key!r} must be a string")
     cache = data.get("ocsp_cache_seconds", 300)
-    if isinstance(cache, bool) or not isinstance(cache, int) or cache < 0:
-        raise ConfigError(f"{path}: field 'ocsp_cache_seconds' must be a non-negative integer")
+    if isinstance(cache, bool) or not isinstance(cache, int) or not 0 <= cache <= 7 * 86400:
+        raise ConfigError(
+            f"{path}: field 'ocsp_cache_seconds' must be an integer from 0 to 604800 (a week)")
     pkcs11 = None
     if engine == "pkcs11":
         section = data.get("pkcs11")

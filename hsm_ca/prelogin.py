@@ -112,11 +112,15 @@ def start_from_argv(argv: list[str], environ: dict[str, str]) -> None:
     subcommands = _KEY_COMMANDS[words[0]]
     if subcommands is not None and (len(words) < 2 or words[1] not in subcommands):
         return
-    try:
-        import tomllib
+    import tomllib
 
-        config = tomllib.loads((Path(home).expanduser() / "hsm-ca.toml").read_text("utf-8"))
-    except (OSError, ValueError):
+    from hsm_ca.errors import HsmCaError
+    from hsm_ca.fileio import CONFIG_BYTES, read_text_file
+
+    try:  # bounded, never a FIFO; anything odd (deep nesting, huge numbers) is left to the CLI
+        text = read_text_file(Path(home).expanduser() / "hsm-ca.toml", CONFIG_BYTES)
+        config = tomllib.loads(text)
+    except (HsmCaError, ValueError, RecursionError):
         return
     if config.get("engine", "soft") != "soft":
         return

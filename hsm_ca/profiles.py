@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import sys
-import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -140,29 +139,35 @@ def _field(data: dict[str, Any], section: str, key: str, where: str) -> Any:
             raise ProfileInvalid(f"{where}: missing required field {name!r}")
         return None
     if typ is int and (isinstance(value, bool) or not isinstance(value, int)):
-        raise ProfileInvalid(f"{where}: field {name!r} must be an integer, not {value!r}")
+        raise ProfileInvalid(f"{where}: field {name!r} must be an integer, not {_shown(value)}")
     if not isinstance(value, typ):
-        raise ProfileInvalid(f"{where}: field {name!r} must be a {typ.__name__}, not {value!r}")
+        raise ProfileInvalid(
+            f"{where}: field {name!r} must be a {typ.__name__}, not {_shown(value)}")
     if typ is list and not all(isinstance(v, str) for v in value):
         raise ProfileInvalid(f"{where}: field {name!r} must be a list of strings")
     return value
+
+
+def _shown(value: Any) -> str:
+    """A field's value for an error message: never more than ~64 characters of the file."""
+    text = repr(value)
+    return text if len(text) <= 64 else f"{text[:60]}..."
 
 
 def _choices(values: list[str], allowed: Any, where: str, name: str) -> list[str]:
     for v in values:
         if v not in allowed:
             raise ProfileInvalid(
-                f"{where}: field {name!r} has unknown value {v!r}; allowed: {', '.join(allowed)}"
+                f"{where}: field {name!r} has unknown value {_shown(v)}; allowed: {', '.join(allowed)}"
             )
     return values
 
 
 def parse_profile(name: str, text: str, source: str) -> Profile:
     """Validate a profile's TOML text; errors name ``source`` and the field."""
-    try:
-        data = tomllib.loads(text)
-    except tomllib.TOMLDecodeError as e:
-        raise ProfileInvalid(f"{source}: not valid TOML: {e}") from e
+    from hsm_ca.config import parse_toml
+
+    data = parse_toml(text, source, ProfileInvalid)
     for key, value in data.items():
         if key in _SCHEMA and key:
             if not isinstance(value, dict):
@@ -180,8 +185,9 @@ def parse_profile(name: str, text: str, source: str) -> Profile:
 
     is_ca = _field(cert, "certificate", "ca", source)
     path_length = _field(cert, "certificate", "path_length", source)
-    if path_length is not None and (not is_ca or path_length < 0):
-        raise ProfileInvalid(f"{source}: 'certificate.path_length' needs ca = true and >= 0")
+    if path_length is not None and (not is_ca or not 0 <= path_length <= MAX_PATH_LENGTH):
+        raise ProfileInvalid(
+            f"{source}: 'certificate.path_length' needs ca = true and 0 to {MAX_PATH_LENGTH}")
     ku = _choices(_field(cert, "certificate", "key_usage", source), KEY_USAGES, source, "certificate.key_usage")
     if is_ca and "key_cert_sign" not in ku:
         raise ProfileInvalid(f"{source}: a CA profile's 'certificate.key_usage' needs key_cert_sign")
@@ -205,7 +211,7 @@ def parse_profile(name: str, text: str, source: str) -> Profile:
         ok = len(parts) >= 2 and all(p.isascii() and p.isdigit() and len(p) <= 18 for p in parts) \
             and int(parts[0]) <= 2 and (int(parts[0]) == 2 or int(parts[1]) < 40)
         if not ok:
-            raise ProfileInvalid(f"{source}: 'certificate.policies' has a bad OID {oid!r}")
+            raise ProfileInvalid(f"{source}: 'certificate.policies' has a bad OID {_shown(oid)}")
     key_types = _choices(_field(req, "request", "key_types", source), KEY_TYPES, source, "request.key_types")
     if not key_types:
         raise ProfileInvalid(f"{source}: 'request.key_types' must not be empty")
@@ -358,11 +364,13 @@ class ProfileStore:
             raise ProfileNotFound(f"invalid profile name {name[:80]!r}")
         for d in self._dirs:
             path = d / f"{name}.toml"
-            if path.is_file():
-                try:
-                    text = path.read_text(encoding="utf-8")
-                except (OSError, UnicodeDecodeError) as e:
-                    raise ProfileInvalid(f"{path}: cannot read profile: {e}") from e
+            if path.exists():  # a FIFO or directory here is refused, not skipped
+                from hsm_ca.fileio import CONFIG_BYTES, InputError, read_text_file
+
+                try:  # bounded, and never a FIFO or device named like a profile
+                    text = read_text_file(path, CONFIG_BYTES, "profile")
+                except InputError as e:
+                    raise ProfileInvalid(str(e)) from None
                 profile = parse_profile(name, text, str(path))
                 self._cache[name] = profile
                 return profile

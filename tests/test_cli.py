@@ -451,7 +451,9 @@ def test_jobs_on_the_built_in_engine_fork_and_share_one_login(
     soft_pki.ok("audit", "verify")
 
 
-def test_a_failing_forked_child_is_one_error_line(soft_pki: Cli, tmp_path: Path) -> None:
+def test_a_failed_write_in_a_forked_child_names_its_serial(soft_pki: Cli, tmp_path: Path) -> None:
+    """A certificate the child issued but could not write is reported with its serial (issue 13
+    finding 10) and the rest of the batch is still written; exit 1, no traceback."""
     files = _csr_files(tmp_path, 20)
     out = tmp_path / "out"
     (out / "f015.pem").mkdir(parents=True)  # in the child's half: its write fails
@@ -459,9 +461,10 @@ def test_a_failing_forked_child_is_one_error_line(soft_pki: Cli, tmp_path: Path)
                     "tls-client", "--out-dir", str(out), "--jobs", "2")
     assert r.returncode == 1
     assert "Traceback" not in r.stderr
-    errors = [ln for ln in r.stderr.splitlines() if ln.startswith("Error:")]
-    assert len(errors) == 1 and "signing helper process failed" in errors[0], r.stderr
-    assert "cannot write" in errors[0] and "f015.pem" in errors[0]
+    failed = [ln for ln in r.stderr.splitlines() if ln.startswith("Not written")]
+    assert len(failed) == 1 and "f015.pem" in failed[0] and "hsm-ca show " in failed[0], r.stderr
+    assert sum(1 for p in out.iterdir() if p.is_file()) == 19
+    soft_pki.ok("show", failed[0].rsplit("hsm-ca show ", 1)[1].split("'")[0])
     soft_pki.ok("audit", "verify")  # what the child issued is recorded; nothing is half-done
 
 

@@ -147,11 +147,10 @@ def _issue_to_dir(
         try:
             # the certificate is already durable in the database (and can be exported
             # again); one directory sync at the end instead of two per file
-            output_file(target, what="certificate file").write(
-                pem.encode(), durable=False, done=_issued_note(info["serial"]))
+            output_file(target, what="certificate file").write(pem.encode(), durable=False)
         except HsmCaError as e:
             info["written"] = False
-            info["error"] = str(e)
+            info["error"] = f"{e}; {_issued_note(info['serial'])}"
         report.append(info)
     return report
 

@@ -1,0 +1,467 @@
+"""Issue 13, findings 9-12: every user-named file is bounded, checked first, and fails in one line.
+
+Real processes of the real CLI on a real home, real FIFOs (os.mkfifo),
+/dev/zero and /dev/full. Where the bug was a hang or an endless read, each
+process runs with a timeout and a memory limit, so a regression fails the
+test instead of hanging it or eating the machine.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import resource
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from conftest import SO_PIN, TEST_SCRYPT_N, USER_PIN, make_csr, make_key
+from cryptography.hazmat.primitives import serialization
+
+QUICK = 10.0  # seconds: a refusal is one stat() away; this only has to beat a hang on a busy box
+
+
+@dataclass
+class Run:
+    code: int
+    out: str
+    err: str
+    seconds: float
+
+
+def _limit_memory() -> None:  # the old code read /dev/zero until memory ran out
+    resource.setrlimit(resource.RLIMIT_AS, (3 << 30, 3 << 30))
+
+
+def hsm(home: Path, *args: str, timeout: float = 30, cwd: Path | None = None,
+        stdout: int | None = None) -> Run:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("HSM_CA_")}
+    env.update({"HSM_CA_PIN": USER_PIN, "HSM_CA_SO_PIN": SO_PIN})
+    start = time.monotonic()
+    p = subprocess.run(
+        [sys.executable, "-m", "hsm_ca", "--home", str(home), *args],
+        stdin=subprocess.DEVNULL, stdout=stdout if stdout is not None else subprocess.PIPE,
+        stderr=subprocess.PIPE, env=env, timeout=timeout, cwd=cwd, preexec_fn=_limit_memory,
+    )
+    out = p.stdout.decode(errors="replace") if isinstance(p.stdout, bytes) else ""
+    return Run(p.returncode, out, p.stderr.decode(errors="replace"), time.monotonic() - start)
+
+
+def ok(home: Path, *args: str) -> Run:
+    r = hsm(home, *args)
+    assert r.code == 0, f"hsm-ca {' '.join(args)}: {r.err}"
+    return r
+
+
+def one_error(r: Run, code: int = 1) -> str:
+    """Exactly one line on stderr, an ``Error:`` line, no traceback, no internal error."""
+    lines = r.err.strip().splitlines()
+    assert r.code == code, (r.code, r.err)
+    assert len(lines) == 1 and lines[0].startswith("Error: "), r.err
+    assert "internal error" not in r.err and "Traceback" not in r.err
+    return lines[0]
+
+
+def audit_records(home: Path) -> list[dict]:
+    return json.loads(ok(home, "--json", "audit", "list").out)
+
+
+def refused_issues(home: Path) -> list[dict]:
+    return [r for r in audit_records(home) if r["action"] == "issue" and r["outcome"] == "refused"]
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A home (root, issuing CA, a code signer), and the files the tests point at."""
+    d = tmp_path_factory.mktemp("bounds")
+    home = d / "home"
+    ok(home, "init", "--scrypt-n", str(TEST_SCRYPT_N))
+    ok(home, "ca", "create-root", "root", "--subject", "CN=Bounds Root,O=Test")
+    ok(home, "ca", "create-intermediate", "issuing", "--parent", "root",
+       "--subject", "CN=Bounds Issuing,O=Test", "--path-length", "0")
+    ok(home, "codesign", "new-signer", "rel", "--ca", "issuing", "--subject", "CN=Release,O=Test")
+    ok(home, "ca", "export", "root", "-o", str(d / "root.pem"))
+    ok(home, "audit", "cert", "-o", str(d / "audit.pem"))
+    (d / "a.txt").write_text("release\n")
+    ok(home, "codesign", "sign", str(d / "a.txt"), "--signer", "rel")
+    (d / "web.csr").write_bytes(make_csr(dns=["www.example.com"]))
+    ok(home, "audit", "export", "-o", str(d / "export.jsonl"))
+    os.mkfifo(d / "fifo")
+    os.mkfifo(d / "fifo.csr")
+    return d
+
+
+def _sign(d: Path, csr: Path | str, *extra: str) -> tuple[str, ...]:
+    return ("sign", str(csr), "--ca", "issuing", "--profile", "tls-server", *extra)
+
+
+# ------------------------------------------------------------ finding 9
+_NOT_REGULAR = [
+    ("sign-fifo-csr", lambda d: _sign(d, d / "fifo.csr")),
+    ("sign-dev-zero-csr", lambda d: _sign(d, "/dev/zero")),
+    ("codesign-sign-fifo", lambda d: ("codesign", "sign", str(d / "fifo"), "--signer", "rel")),
+    ("codesign-sign-dev-zero", lambda d: ("codesign", "sign", "/dev/zero", "--signer", "rel")),
+    ("codesign-verify-sig-dev-zero", lambda d: (
+        "codesign", "verify", str(d / "a.txt"), "/dev/zero", "--trust", str(d / "root.pem"))),
+    ("codesign-verify-sig-fifo", lambda d: (
+        "codesign", "verify", str(d / "a.txt"), str(d / "fifo"), "--trust", str(d / "root.pem"))),
+    ("codesign-verify-file-dev-zero", lambda d: (
+        "codesign", "verify", "/dev/zero", str(d / "a.txt.p7s"), "--trust", str(d / "root.pem"))),
+    ("codesign-verify-trust-fifo", lambda d: (
+        "codesign", "verify", str(d / "a.txt"), str(d / "a.txt.p7s"), "--trust", str(d / "fifo"))),
+    ("codesign-verify-crl-dev-zero", lambda d: (
+        "codesign", "verify", str(d / "a.txt"), str(d / "a.txt.p7s"), "--trust",
+        str(d / "root.pem"), "--crl", "/dev/zero")),
+    ("pin-file-dev-zero", lambda d: ("--pin-file", "/dev/zero", "crl", "issuing")),
+    ("pin-file-fifo", lambda d: ("--pin-file", str(d / "fifo"), "crl", "issuing")),
+    ("audit-verify-dev-zero", lambda d: (
+        "audit", "verify", "--file", "/dev/zero", "--trust", str(d / "audit.pem"))),
+    ("audit-verify-fifo", lambda d: (
+        "audit", "verify", "--file", str(d / "fifo"), "--trust", str(d / "audit.pem"))),
+    ("audit-verify-trust-fifo", lambda d: (
+        "audit", "verify", "--file", str(d / "export.jsonl"), "--trust", str(d / "fifo"))),
+    ("hsm-restore-dev-zero", lambda d: ("--home", str(d / "new-home"), "hsm", "restore",
+                                        "/dev/zero")),
+    ("hsm-restore-fifo", lambda d: ("--home", str(d / "new-home"), "hsm", "restore",
+                                    str(d / "fifo"))),
+    ("new-pin-file-dev-zero", lambda d: ("hsm", "user", "add", "bob", "--new-pin-file",
+                                         "/dev/zero")),
+    ("bootstrap-fifo", lambda d: ("bootstrap", str(d / "fifo"), "--plan")),
+]
+
+
+@pytest.mark.parametrize("make_args", [c[1] for c in _NOT_REGULAR], ids=[c[0] for c in _NOT_REGULAR])
+def test_fifos_and_devices_are_refused_at_once(pki: Path, make_args: object) -> None:
+    r = hsm(pki / "home", *make_args(pki), timeout=20)  # type: ignore[operator]
+    line = one_error(r)
+    assert "not a regular file" in line
+    assert r.seconds < QUICK, f"took {r.seconds:.1f}s"
+
+
+def test_a_profile_override_that_is_a_fifo_is_refused_and_audited(pki: Path) -> None:
+    home = pki / "home"
+    profiles = home / "profiles"
+    profiles.mkdir(exist_ok=True)
+    os.mkfifo(profiles / "tls-client.toml")
+    try:
+        before = len(refused_issues(home))
+        r = hsm(home, "sign", str(pki / "web.csr"), "--ca", "issuing", "--profile", "tls-client",
+                timeout=20)
+        assert "not a regular file" in one_error(r)
+        assert len(refused_issues(home)) == before + 1
+    finally:
+        (profiles / "tls-client.toml").unlink()
+
+
+def _sparse(path: Path, size: int) -> Path:
+    with open(path, "wb") as fh:
+        fh.truncate(size)
+    return path
+
+
+@pytest.mark.parametrize(
+    "name,size,make_args",
+    [
+        ("pin.txt", 4097, lambda d, f: ("--pin-file", str(f), "crl", "issuing")),
+        ("big.p7s", (16 << 20) + 1, lambda d, f: (
+            "codesign", "verify", str(d / "a.txt"), str(f), "--trust", str(d / "root.pem"))),
+        ("big.pem", (4 << 20) + 1, lambda d, f: (
+            "codesign", "verify", str(d / "a.txt"), str(d / "a.txt.p7s"), "--trust", str(f))),
+        ("big.backup", (1 << 30) + 1, lambda d, f: (
+            "--home", str(d / "new-home"), "hsm", "restore", str(f))),
+        ("big-bootstrap.toml", (1 << 20) + 1, lambda d, f: ("bootstrap", str(f), "--plan")),
+    ],
+    ids=["pin-file", "signature", "trust-pem", "backup", "bootstrap-toml"],
+)
+def test_every_input_has_a_size_limit_checked_before_reading(
+    pki: Path, name: str, size: int, make_args: object
+) -> None:
+    f = _sparse(pki / name, size)
+    try:
+        r = hsm(pki / "home", *make_args(pki, f), timeout=20)  # type: ignore[operator]
+        assert "too large" in one_error(r)
+        assert r.seconds < QUICK
+    finally:
+        f.unlink()
+
+
+def test_audit_export_is_read_line_by_line_with_a_line_limit(pki: Path) -> None:
+    export = pki / "export.jsonl"
+    lines = export.read_text().splitlines(keepends=True)
+    long_line = pki / "long.jsonl"
+    long_line.write_text(lines[0] + '{"pad": "' + "x" * (1 << 20) + '"}\n' + "".join(lines[1:]))
+    r = hsm(pki / "home", "audit", "verify", "--file", str(long_line), "--trust",
+            str(pki / "audit.pem"))
+    assert "line 2 is longer than 1048576 bytes" in one_error(r)
+    ok(pki / "home", "audit", "verify", "--file", str(export), "--trust", str(pki / "audit.pem"))
+
+
+# ----------------------------------------------------------- finding 10
+def _issued_serials(home: Path) -> set[str]:
+    return {r["serial"] for r in json.loads(ok(home, "--json", "list").out)}
+
+
+@pytest.mark.parametrize("target", ["missing/dir/x.pem", "fifo"], ids=["missing-dir", "fifo"])
+def test_sign_checks_the_destination_before_issuing(pki: Path, target: str) -> None:
+    home = pki / "home"
+    before, records = _issued_serials(home), len(audit_records(home))
+    r = hsm(home, *_sign(pki, pki / "web.csr", "-o", str(pki / target)), timeout=20)
+    line = one_error(r)
+    assert "does not exist" in line or "no process is reading it" in line
+    assert _issued_serials(home) == before  # no serial spent, nothing recorded
+    assert len(audit_records(home)) == records
+
+
+def _serial_in(line: str) -> str:
+    found = re.search(r"certificate ([0-9a-f]+) was issued and recorded", line)
+    assert found, line
+    return found.group(1)
+
+
+def test_sign_to_dev_full_names_the_serial_to_fetch(pki: Path) -> None:
+    home = pki / "home"
+    line = one_error(hsm(home, *_sign(pki, pki / "web.csr", "-o", "/dev/full")))
+    assert "No space left on device" in line
+    serial = _serial_in(line)
+    assert f"hsm-ca show {serial}" in line
+    assert "BEGIN CERTIFICATE" in ok(home, "show", serial).out
+
+
+@pytest.mark.parametrize("json_flag", [False, True], ids=["text", "json"])
+def test_sign_to_a_full_stdout_names_the_serial(pki: Path, json_flag: bool) -> None:
+    home = pki / "home"
+    args = (("--json",) if json_flag else ()) + _sign(pki, pki / "web.csr")
+    with open("/dev/full", "wb") as full:
+        r = hsm(home, *args, stdout=full.fileno())
+    line = one_error(r)
+    assert "standard output" in line
+    assert "BEGIN CERTIFICATE" in ok(home, "show", _serial_in(line)).out
+
+
+def test_sign_writes_through_a_fifo_that_is_read(pki: Path) -> None:
+    fifo = pki / "read.fifo"
+    os.mkfifo(fifo)
+    got: list[bytes] = []
+    reader = threading.Thread(target=lambda: got.append(fifo.read_bytes()), daemon=True)
+    reader.start()
+    time.sleep(0.2)
+    try:
+        ok(pki / "home", *_sign(pki, pki / "web.csr", "-o", str(fifo)))
+        reader.join(10)
+        assert got and got[0].startswith(b"-----BEGIN CERTIFICATE-----")
+    finally:
+        fifo.unlink()
+
+
+def test_sign_replaces_the_file_a_symlink_points_to(pki: Path) -> None:
+    real, link = pki / "real.pem", pki / "link.pem"
+    real.write_text("old\n")
+    link.symlink_to(real)
+    ok(pki / "home", *_sign(pki, pki / "web.csr", "-o", str(link)))
+    assert link.is_symlink() and real.read_text().startswith("-----BEGIN CERTIFICATE-----")
+
+
+def test_out_dir_checked_first_and_unwritten_files_name_their_serial(pki: Path) -> None:
+    home = pki / "home"
+    not_a_dir = pki / "plain-file"
+    not_a_dir.write_text("x")
+    before = _issued_serials(home)
+    one_error(hsm(home, "sign", str(pki / "web.csr"), str(pki / "a.txt"), "--ca", "issuing",
+                  "--profile", "tls-server", "--out-dir", str(not_a_dir)), code=2)
+    assert _issued_serials(home) == before
+    out = pki / "out"
+    (out / "two.pem").mkdir(parents=True)  # a directory where a certificate must go
+    (pki / "one.csr").write_bytes(make_csr(dns=["one.example.com"]))
+    (pki / "two.csr").write_bytes(make_csr(dns=["two.example.com"]))
+    r = hsm(home, "--json", "sign", str(pki / "one.csr"), str(pki / "two.csr"), "--ca", "issuing",
+            "--profile", "tls-server", "--out-dir", str(out))
+    assert r.code == 1, r.err
+    rows = {Path(row["source"]).name: row for row in json.loads(r.out)}
+    assert (out / "one.pem").read_text().startswith("-----BEGIN CERTIFICATE-----")
+    assert rows["two.csr"]["written"] is False
+    serial = rows["two.csr"]["serial"]
+    assert f"hsm-ca show {serial}" in rows["two.csr"]["error"]
+    ok(home, "show", serial)
+
+
+def test_crl_to_dev_full_names_the_crl_and_a_missing_dir_signs_nothing(pki: Path) -> None:
+    home = pki / "home"
+    line = one_error(hsm(home, "crl", "issuing", "-o", "/dev/full"))
+    found = re.search(r"CRL (\d+) of issuing was signed and recorded", line)
+    assert found and "No space left on device" in line, line
+    number = int(found.group(1))
+    one_error(hsm(home, "crl", "issuing", "-o", str(pki / "missing" / "x.crl")))
+    after = json.loads(ok(home, "--json", "crl", "issuing", "-o", str(pki / "x.crl")).out)
+    assert after["number"] == number + 1  # the refused run spent no CRL number
+
+
+@pytest.mark.parametrize(
+    "make_args,action",
+    [
+        (lambda d, t: ("codesign", "sign", str(d / "a.txt"), "--signer", "rel", "-o", t),
+         "codesign"),
+        (lambda d, t: ("audit", "export", "-o", t), "checkpoint"),
+        (lambda d, t: ("hsm", "backup", "-o", t), "backup"),
+        (lambda d, t: ("ca", "export", "root", "-o", t), None),
+        (lambda d, t: ("ca", "ocsp-responder", "issuing", "-o", t), "issue"),
+    ],
+    ids=["codesign-sign", "audit-export", "hsm-backup", "ca-export", "ocsp-responder"],
+)
+def test_outputs_are_checked_before_the_work(pki: Path, make_args: object,
+                                             action: str | None) -> None:
+    home = pki / "home"
+    before = len(audit_records(home))
+    r = hsm(home, *make_args(pki, str(pki / "missing" / "out")), timeout=20)  # type: ignore[operator]
+    assert "does not exist" in one_error(r)
+    assert len(audit_records(home)) == before  # nothing signed, checkpointed or backed up
+
+
+def test_codesign_to_dev_full_says_the_signature_was_recorded(pki: Path) -> None:
+    line = one_error(hsm(pki / "home", "codesign", "sign", str(pki / "a.txt"), "--signer", "rel",
+                         "-o", "/dev/full"))
+    assert "No space left on device" in line and "recorded in the audit trail" in line
+
+
+# ----------------------------------------------------------- finding 11
+def _key_file(d: Path) -> Path:
+    key = make_key()
+    path = d / "key.pem"
+    path.write_bytes(key.private_bytes(  # type: ignore[attr-defined]
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption()))
+    return path
+
+
+_REFUSALS = [
+    ("too-big", lambda d: _sign(d, _sparse(d / "big.csr", (1 << 20) + 1)), "too large"),
+    ("missing", lambda d: _sign(d, d / "no-such.csr"), "No such file"),
+    ("fifo", lambda d: _sign(d, d / "fifo.csr"), "not a regular file"),
+    ("dev-zero", lambda d: _sign(d, "/dev/zero"), "not a regular file"),
+    ("directory", lambda d: _sign(d, d), "not a regular file"),
+    ("undecodable", lambda d: _sign(d, d / "a.txt"), "not a PEM or DER"),
+    ("private-key", lambda d: _sign(d, _key_file(d)), "private key"),
+    ("unknown-ca", lambda d: ("sign", str(d / "web.csr"), "--ca", "nope", "--profile",
+                              "tls-server"), "unknown CA"),
+    ("unknown-profile", lambda d: ("sign", str(d / "web.csr"), "--ca", "issuing", "--profile",
+                                   "nope"), "unknown profile"),
+    ("unknown-ca-and-unreadable", lambda d: ("sign", str(d / "fifo.csr"), "--ca", "nope",
+                                             "--profile", "tls-server"), "unknown CA"),
+]
+
+
+@pytest.mark.parametrize("make_args,reason", [(c[1], c[2]) for c in _REFUSALS],
+                         ids=[c[0] for c in _REFUSALS])
+def test_every_refused_request_leaves_one_refused_record(pki: Path, make_args: object,
+                                                         reason: str) -> None:
+    home = pki / "home"
+    before = refused_issues(home)
+    r = hsm(home, *make_args(pki), timeout=20)  # type: ignore[operator]
+    assert reason in one_error(r)
+    after = refused_issues(home)
+    assert len(after) == len(before) + 1
+    assert reason in after[-1]["detail"]
+    ok(home, "audit", "verify")
+
+
+def test_unreadable_csrs_in_a_batch_are_refused_and_recorded_the_others_issued(pki: Path) -> None:
+    home = pki / "home"
+    before = refused_issues(home)
+    (pki / "good.csr").write_bytes(make_csr(dns=["good.example.com"]))
+    big = _sparse(pki / "huge.csr", (1 << 20) + 1)
+    r = hsm(home, "--json", "sign", str(pki / "good.csr"), str(big), str(pki / "fifo.csr"),
+            "--ca", "issuing", "--profile", "tls-server", "--out-dir", str(pki / "batch"))
+    assert r.code == 1, r.err
+    rows = {Path(row["source"]).name: row for row in json.loads(r.out)}
+    assert "serial" in rows["good.csr"] and rows["huge.csr"]["refused"]
+    assert rows["fifo.csr"]["refused"]
+    assert len(refused_issues(home)) == len(before) + 2
+    ok(home, "audit", "verify")
+
+
+# ----------------------------------------------------------- finding 12
+_PROFILE = (Path(__file__).parent.parent / "profiles" / "tls-client.toml").read_text()
+
+
+def _profile_case(d: Path, text: str) -> tuple[str, ...]:
+    (d / "home" / "profiles").mkdir(exist_ok=True)
+    (d / "home" / "profiles" / "tls-client.toml").write_text(text)
+    return ("sign", str(d / "web.csr"), "--ca", "issuing", "--profile", "tls-client")
+
+
+def _with(text: str, key: str, value: str) -> str:
+    lines = [f"{key} = {value}" if line.split("=")[0].strip() == key else line
+             for line in text.splitlines()]
+    assert any(line.startswith(f"{key} = {value}") for line in lines)
+    return "\n".join(lines) + "\n"
+
+
+_TOML_CASES = [
+    ("profile-nested-arrays", lambda d: _profile_case(
+        d, _PROFILE + "deep = " + "[" * 3000 + "]" * 3000 + "\n"), "tls-client.toml:",
+     "nested deeper"),
+    ("profile-dotted-keys", lambda d: _profile_case(
+        d, "a" + ".a" * 400 + " = 1\n" + _PROFILE), "tls-client.toml", "nested deeper"),
+    ("profile-5000-digit-days", lambda d: _profile_case(
+        d, _with(_PROFILE, "default_days", "9" * 5000)), "tls-client.toml:",
+     "'default_days'"),
+    ("profile-4000-digit-days", lambda d: _profile_case(
+        d, _with(_PROFILE, "default_days", "9" * 4000)), "tls-client.toml",
+     "'certificate.default_days'"),
+    ("bootstrap-nested", lambda d: ("bootstrap", str(_write(
+        d / "deep.toml", '[[ca]]\nname = "r"\nsubject = "CN=r"\nx = '
+        + "{a = " * 2000 + "1" + "}" * 2000 + "\n")), "--plan"), "deep.toml:4", "nested deeper"),
+    ("bootstrap-5000-digit-days", lambda d: ("bootstrap", str(_write(
+        d / "days.toml", '[[ca]]\nname = "r"\nsubject = "CN=r"\ndays = ' + "7" * 5000 + "\n")),
+        "--plan"), "days.toml:4", "'days'"),
+    ("bootstrap-4000-digit-days", lambda d: ("bootstrap", str(_write(
+        d / "days2.toml", '[[ca]]\nname = "r"\nsubject = "CN=r"\ndays = ' + "7" * 4000 + "\n")),
+        "--plan"), "days2.toml:4", "'days'"),
+    ("bootstrap-huge-path-length", lambda d: ("bootstrap", str(_write(
+        d / "pl.toml", '[[ca]]\nname = "r"\nsubject = "CN=r"\npath_length = ' + "7" * 400
+        + "\n")), "--plan"), "pl.toml:4", "'path_length'"),
+]
+
+
+def _write(path: Path, text: str) -> Path:
+    path.write_text(text)
+    return path
+
+
+@pytest.mark.parametrize("make_args,where,what", [(c[1], c[2], c[3]) for c in _TOML_CASES],
+                         ids=[c[0] for c in _TOML_CASES])
+def test_hostile_toml_names_the_file_and_field(pki: Path, make_args: object, where: str,
+                                               what: str) -> None:
+    try:
+        r = hsm(pki / "home", *make_args(pki))  # type: ignore[operator]
+        line = one_error(r)
+        assert where in line and what in line, line
+        assert len(line) < 400  # the hostile value is not echoed
+    finally:
+        (pki / "home" / "profiles" / "tls-client.toml").unlink(missing_ok=True)
+
+
+@pytest.mark.parametrize(
+    "extra,what",
+    [
+        ("x = " + "[" * 3000 + "]" * 3000, "nested deeper"),
+        ("ocsp_cache_seconds = " + "9" * 5000, "'ocsp_cache_seconds'"),
+        ("ocsp_cache_seconds = " + "9" * 400, "'ocsp_cache_seconds'"),
+    ],
+    ids=["nested", "5000-digits", "400-digits"],
+)
+def test_hostile_home_config_names_the_file(pki: Path, extra: str, what: str) -> None:
+    config = pki / "home" / "hsm-ca.toml"
+    original = config.read_text()
+    lines = [line for line in original.splitlines() if not line.startswith("ocsp_cache_seconds")]
+    config.write_text("\n".join([extra, *lines]) + "\n")
+    try:
+        # 'crl' starts the early PIN derivation, which reads the config before the CLI does
+        line = one_error(hsm(pki / "home", "crl", "issuing"))
+        assert "hsm-ca.toml" in line and what in line, line
+    finally:
+        config.write_text(original)
