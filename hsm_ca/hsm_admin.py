@@ -178,15 +178,17 @@ def backup(authority: Authority, so_pin: str, output: Path, *, scrypt_n: int = B
     with engine._locked():
         assert engine._raw_best is not None
         keystore, partition_key = engine._raw_best
-    files = {
+    from hsm_ca.fileio import CONFIG_BYTES, read_regular_file
+
+    files = {  # the home's TOML files bounded like every read of them (never a FIFO)
         f"{HSM_DIR}/keystore": keystore,
         f"{HSM_DIR}/partition.key": partition_key,
         DB_FILE: db,
-        CONFIG_FILE: cfg.config_path.read_bytes(),
+        CONFIG_FILE: read_regular_file(cfg.config_path, CONFIG_BYTES, "configuration file"),
     }
     if cfg.profiles_path.is_dir():
         for p in sorted(cfg.profiles_path.glob("*.toml")):
-            files[f"{PROFILES_DIR}/{p.name}"] = p.read_bytes()
+            files[f"{PROFILES_DIR}/{p.name}"] = read_regular_file(p, CONFIG_BYTES, "profile")
     payload = json.dumps({
         "format": "hsm-ca-backup", "version": 1,
         "created": _dt.datetime.now(_dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),

@@ -465,3 +465,15 @@ def test_hostile_home_config_names_the_file(pki: Path, extra: str, what: str) ->
         assert "hsm-ca.toml" in line and what in line, line
     finally:
         config.write_text(original)
+
+
+def test_backup_refuses_a_fifo_among_the_home_profiles(pki: Path) -> None:
+    fifo = pki / "home" / "profiles" / "stray.toml"
+    fifo.parent.mkdir(exist_ok=True)
+    os.mkfifo(fifo)
+    try:
+        r = hsm(pki / "home", "hsm", "backup", "-o", str(pki / "b.backup"), timeout=20)
+        assert "not a regular file" in one_error(r)
+        assert not (pki / "b.backup").exists()
+    finally:
+        fifo.unlink()
