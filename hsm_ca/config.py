@@ -193,8 +193,8 @@ def read_toml(path: str | Path, error: type[HsmCaError] = ConfigError,
 
     try:
         text = read_text_file(path, CONFIG_BYTES, what)
-    except InputError as e:
-        raise error(str(e)) from None
+    except InputError as e:  # "path: reason", like every other error about the file
+        raise error(f"{path}: {e.reason}") from None
     return parse_toml(text, str(path), error), text
 
 

@@ -38,7 +38,15 @@ MAX_PATH_SHOWN = 64
 
 
 class InputError(HsmCaError):
-    """A named input file is missing, unreadable, not a regular file or over its limit."""
+    """A named input file is missing, unreadable, not a regular file or over its limit.
+
+    ``reason`` is the message without the file's name, for callers whose
+    errors start with the file name themselves (``path:line: ...``).
+    """
+
+    def __init__(self, message: str, reason: str | None = None) -> None:
+        super().__init__(message)
+        self.reason = reason or message
 
 
 class OutputError(HsmCaError):
@@ -82,11 +90,14 @@ def open_regular(path: str | os.PathLike[str], what: str = "file") -> BinaryIO:
     try:
         st = os.stat(path)
     except OSError as e:
-        raise InputError(f"cannot read {what} {shown}: {_reason(e)}") from None
+        raise InputError(f"cannot read {what} {shown}: {_reason(e)}",
+                         f"cannot read: {_reason(e)}") from None
     except ValueError:  # an embedded NUL
-        raise InputError(f"cannot read {what} {shown}: invalid path") from None
+        raise InputError(f"cannot read {what} {shown}: invalid path",
+                         "cannot read: invalid path") from None
     if not stat.S_ISREG(st.st_mode):
-        raise InputError(f"{what} {shown} is {_kind(st.st_mode)}, not a regular file")
+        raise InputError(f"{what} {shown} is {_kind(st.st_mode)}, not a regular file",
+                         f"is {_kind(st.st_mode)}, not a regular file")
     flags = os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_NOCTTY", 0) | getattr(os, "O_CLOEXEC", 0)
     try:
         fd = os.open(path, flags)
@@ -109,7 +120,8 @@ def read_regular_file(path: str | os.PathLike[str], limit: int, what: str = "fil
         size = os.fstat(fh.fileno()).st_size
         if size > limit:
             raise InputError(
-                f"{what} {show_path(path)} is too large ({size} bytes; the limit is {limit})"
+                f"{what} {show_path(path)} is too large ({size} bytes; the limit is {limit})",
+                f"is too large ({size} bytes; the limit is {limit})",
             )
         try:
             data = fh.read(limit + 1)
@@ -127,7 +139,8 @@ def read_text_file(path: str | os.PathLike[str], limit: int, what: str = "file")
         return data.decode("utf-8")
     except UnicodeDecodeError as e:
         raise InputError(
-            f"{what} {show_path(path)} is not UTF-8 text (byte {e.start})"
+            f"{what} {show_path(path)} is not UTF-8 text (byte {e.start})",
+            f"is not UTF-8 text (byte {e.start})",
         ) from None
 
 
