@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
 import email.utils
 import hashlib
 import json
@@ -29,6 +30,7 @@ import logging
 import os
 import re
 import socket
+import struct
 import time
 import urllib.parse
 from collections.abc import Awaitable, Callable
@@ -360,6 +362,7 @@ def guarded_protocol(guard: ConnectionGuard) -> type:
             self._header_bytes = 0  # request line and headers of the current request so far
             self._in_head = False  # a request has begun and its headers are not complete
             self._completions = 0  # headers or messages completed by the current read
+            self._running: Any = None  # the request being answered (pipelines queue the rest)
 
         # ---------------------------------------------------------- phases
         def _arm(self, seconds: float, callback: Callable[[], None]) -> None:
@@ -409,6 +412,16 @@ def guarded_protocol(guard: ConnectionGuard) -> type:
                 self._write_deadline = None
             guard.release(self)
             super().connection_lost(exc)
+            # uvicorn tells only the newest request of a pipeline that the client is gone;
+            # the one being answered would go on writing to the closed transport
+            for cycle in (self._running, *(c for c, _app in self.pipeline)):
+                if cycle is not None and not cycle.response_complete:
+                    cycle.disconnected = True
+                    cycle.message_event.set()
+
+        def _start_asgi_task(self, cycle: Any, app: Any) -> None:
+            self._running = cycle
+            super()._start_asgi_task(cycle, app)
 
         def data_received(self, data: bytes) -> None:
             # httptools buffers an unfinished header line itself, without limit, so the
@@ -462,8 +475,17 @@ def guarded_protocol(guard: ConnectionGuard) -> type:
                 self._write_deadline = None
 
         def _stalled(self) -> None:
+            """The client stopped reading: reset, so the kernel drops what is queued too.
+
+            A plain close would leave the unsent answers in the kernel behind a FIN
+            that a client with a zero window never lets through.
+            """
             self._write_deadline = None
-            self.transport.abort()  # the client stopped reading: drop what is buffered
+            sock = self.transport.get_extra_info("socket")
+            if sock is not None:
+                with contextlib.suppress(OSError):
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            self.transport.abort()
 
     return GuardedProtocol
 

@@ -10,6 +10,7 @@ openssl CLI. Findings of issue 13: 3 (timeouts, connection cap), 5 (routing),
 
 from __future__ import annotations
 
+import errno
 import http.client
 import json
 import os
@@ -553,3 +554,30 @@ def test_config_rewrite_keeps_server_and_nonce_settings(home: Home) -> None:
         assert load_config(home.path) == cfg
     finally:
         home.configure("")
+
+
+def test_a_client_that_stops_reading_is_dropped_after_the_write_timeout(home: Home) -> None:
+    """Pipelined requests whose answers are never read fill the send buffers: write_timeout."""
+    home.configure("[server]\nidle_timeout = 30\nread_timeout = 30\nwrite_timeout = 1\n")
+    with Server(home) as srv:
+        s = socket.socket()
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        s.connect(("127.0.0.1", srv.port))
+        s.setblocking(False)
+        requests = memoryview(b"GET /ca/root.pem HTTP/1.1\r\nHost: t\r\n\r\n" * 50_000)
+        t0 = time.monotonic()
+        sent = 0
+        while time.monotonic() - t0 < 1.5 and sent < len(requests):  # what it takes in 1.5 s
+            try:
+                sent += s.send(requests[sent:])
+            except BlockingIOError:
+                time.sleep(0.01)
+        # never reading: once the server's buffers are full (how soon depends on its speed),
+        # it must reset the connection within write_timeout; the reset shows as SO_ERROR
+        error = 0
+        while not error and time.monotonic() - t0 < 20:
+            time.sleep(0.1)
+            error = s.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        s.close()
+        assert error == errno.ECONNRESET, (os.strerror(error), sent)
+        assert srv.request("GET", "/health").status == 200
