@@ -165,7 +165,9 @@ class CaApp:
                 return _not_allowed("GET, HEAD")
             cas = [c.name for c in self.authority.list_cas()]
             doc = {"status": "ok", "cas": cas, "uptime_seconds": int(time.time() - self.started),
-                   "ocsp_signatures": self.responder.signatures}
+                   "ocsp_signatures": self.responder.signatures,
+                   # answers given without a fresh signature because a client was over its ration
+                   "ocsp_rationed": self.responder.limited}
             return 200, json.dumps(doc).encode(), "application/json"
         if m := re.fullmatch(rf"/ca/({_NAME})\.(crt|pem|der|cer)", path):
             if method not in GET_LIKE:
