@@ -6,6 +6,7 @@ option meant for tests; nothing weakens an existing home behind its back.
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -201,3 +202,14 @@ def csr_file(tmp_path: Path) -> Iterator[Path]:
     path = tmp_path / "web.csr"
     path.write_bytes(make_csr(dns=["www.example.com", "example.com"]))
     yield path
+
+
+def issue_tls(cli: Cli, tmp_path: Path, n: int = 2, tag: str = "c") -> list[str]:
+    """Sign ``n`` tls-server CSRs (``TAG0.example.com``...) under ``issuing``; their serials."""
+    serials = []
+    for i in range(n):
+        p = tmp_path / f"{tag}{i}.csr"
+        p.write_bytes(make_csr(dns=[f"{tag}{i}.example.com"]))
+        serials.append(json.loads(cli.ok("--json", "sign", str(p), "--ca", "issuing",
+                                          "--profile", "tls-server").out)["serial"])
+    return serials

@@ -7,19 +7,9 @@ import sqlite3
 from pathlib import Path
 
 import pytest
-from conftest import Cli, make_csr
+from conftest import Cli, issue_tls, make_csr
 
 from hsm_ca.audit import GENESIS, chain_value
-
-
-def _issue(cli: Cli, tmp_path: Path, n: int = 2) -> list[str]:
-    serials = []
-    for i in range(n):
-        p = tmp_path / f"c{i}.csr"
-        p.write_bytes(make_csr(dns=[f"h{i}.example.com"]))
-        serials.append(json.loads(cli.ok("--json", "sign", str(p), "--ca", "issuing",
-                                          "--profile", "tls-server").out)["serial"])
-    return serials
 
 
 def _db(cli: Cli) -> sqlite3.Connection:
@@ -27,7 +17,7 @@ def _db(cli: Cli) -> sqlite3.Connection:
 
 
 def test_every_signing_is_recorded_with_intent_then_issued(pki: Cli, tmp_path: Path) -> None:
-    serial = _issue(pki, tmp_path, 1)[0]
+    serial = issue_tls(pki, tmp_path, 1)[0]
     records = json.loads(pki.ok("--json", "audit", "list").out)
     mine = [r for r in records if r["serial"] == serial]
     assert [r["outcome"] for r in mine] == ["intent", "issued"]
@@ -50,7 +40,7 @@ def test_every_signing_is_recorded_with_intent_then_issued(pki: Cli, tmp_path: P
 
 
 def test_verify_passes_then_catches_an_edited_record(pki: Cli, tmp_path: Path) -> None:
-    _issue(pki, tmp_path)
+    issue_tls(pki, tmp_path)
     assert pki.ok("audit", "verify").out.startswith("Audit trail intact")
     with _db(pki) as db:
         db.execute("UPDATE audit SET subject='CN=evil' WHERE seq=5")
@@ -59,7 +49,7 @@ def test_verify_passes_then_catches_an_edited_record(pki: Cli, tmp_path: Path) -
 
 
 def test_verify_catches_a_deleted_record(pki: Cli, tmp_path: Path) -> None:
-    _issue(pki, tmp_path)
+    issue_tls(pki, tmp_path)
     with _db(pki) as db:
         db.execute("DELETE FROM audit WHERE seq=4")
     r = pki("audit", "verify")
@@ -67,7 +57,7 @@ def test_verify_catches_a_deleted_record(pki: Cli, tmp_path: Path) -> None:
 
 
 def test_verify_catches_reordered_records(pki: Cli, tmp_path: Path) -> None:
-    _issue(pki, tmp_path)
+    issue_tls(pki, tmp_path)
     with _db(pki) as db:
         cols = "time, os_user, hsm_user, action, ca, key_label, profile, serial, subject, " \
                "csr_sha256, object_sha256, outcome, detail, chain"
@@ -81,7 +71,7 @@ def test_verify_catches_reordered_records(pki: Cli, tmp_path: Path) -> None:
 
 
 def test_verify_catches_a_cut_tail(pki: Cli, tmp_path: Path) -> None:
-    _issue(pki, tmp_path)
+    issue_tls(pki, tmp_path)
     with _db(pki) as db:
         last = db.execute("SELECT max(seq) FROM audit").fetchone()[0]
         db.execute("DELETE FROM audit WHERE seq=?", (last,))
@@ -90,7 +80,7 @@ def test_verify_catches_a_cut_tail(pki: Cli, tmp_path: Path) -> None:
 
 
 def test_verify_catches_certificate_without_record(pki: Cli, tmp_path: Path) -> None:
-    serial = _issue(pki, tmp_path, 1)[0]
+    serial = issue_tls(pki, tmp_path, 1)[0]
     with _db(pki) as db:
         db.execute("UPDATE certificates SET serial='abcdef1234567890' WHERE serial=?", (serial,))
     r = pki("audit", "verify")
@@ -98,7 +88,7 @@ def test_verify_catches_certificate_without_record(pki: Cli, tmp_path: Path) -> 
 
 
 def test_verify_catches_an_edited_certificate(pki: Cli, tmp_path: Path) -> None:
-    serial = _issue(pki, tmp_path, 1)[0]
+    serial = issue_tls(pki, tmp_path, 1)[0]
     with _db(pki) as db:
         pem = db.execute("SELECT pem FROM certificates WHERE serial=?", (serial,)).fetchone()[0]
         other = db.execute("SELECT pem FROM certificates WHERE serial!=? LIMIT 1", (serial,)).fetchone()[0]
@@ -151,7 +141,7 @@ def _rechain(cli: Cli) -> None:
 
 
 def test_checkpoints_catch_a_rewritten_history(pki: Cli, tmp_path: Path) -> None:
-    _issue(pki, tmp_path, 2)
+    issue_tls(pki, tmp_path, 2)
     pki.ok("crl", "issuing")  # every CRL is a checkpoint
     cert = tmp_path / "audit.pem"
     pki.ok("audit", "cert", "-o", str(cert))
@@ -168,7 +158,7 @@ def test_periodic_checkpoints(pki: Cli, tmp_path: Path, monkeypatch: pytest.Monk
     from hsm_ca.authority import Authority
 
     monkeypatch.setattr(Authority, "CHECKPOINT_EVERY", 5)
-    _issue(pki, tmp_path, 6)
+    issue_tls(pki, tmp_path, 6)
     records = json.loads(pki.ok("--json", "audit", "list").out)
     checkpoints = [r["seq"] for r in records if r["action"] == "checkpoint"]
     assert len(checkpoints) >= 3
@@ -176,9 +166,9 @@ def test_periodic_checkpoints(pki: Cli, tmp_path: Path, monkeypatch: pytest.Monk
 
 
 def test_offline_verification_of_an_export(pki: Cli, tmp_path: Path) -> None:
-    _issue(pki, tmp_path, 1)
+    issue_tls(pki, tmp_path, 1)
     pki.ok("audit", "checkpoint")
-    _issue(pki, tmp_path, 1)
+    issue_tls(pki, tmp_path, 1)
     export, cert = tmp_path / "a.jsonl", tmp_path / "audit.pem"
     pki.ok("audit", "export", "-o", str(export))
     pki.ok("audit", "cert", "-o", str(cert))

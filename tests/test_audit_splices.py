@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import Cli, init_args, make_csr
+from conftest import Cli, init_args, issue_tls
 
 from hsm_ca.audit import (
     FIELDS,
@@ -26,16 +26,6 @@ from hsm_ca.audit import (
     verify_export,
     walk_records,
 )
-
-
-def _issue(cli: Cli, tmp_path: Path, n: int, tag: str = "c") -> list[str]:
-    serials = []
-    for i in range(n):
-        p = tmp_path / f"{tag}{i}.csr"
-        p.write_bytes(make_csr(dns=[f"{tag}{i}.example.com"]))
-        serials.append(json.loads(cli.ok("--json", "sign", str(p), "--ca", "issuing",
-                                          "--profile", "tls-server").out)["serial"])
-    return serials
 
 
 def _export(cli: Cli, path: Path) -> list[dict[str, Any]]:
@@ -69,9 +59,9 @@ def _verify_file(cli: Cli, export: Path, cert: Path, *extra: str) -> Any:
 @pytest.fixture
 def trail(pki: Cli, tmp_path: Path) -> tuple[Cli, Path, list[dict[str, Any]]]:
     """A home with two issuances, a CRL checkpoint, two more issuances; its audit cert."""
-    _issue(pki, tmp_path, 2)
+    issue_tls(pki, tmp_path, 2)
     pki.ok("crl", "issuing")
-    _issue(pki, tmp_path, 2, tag="d")
+    issue_tls(pki, tmp_path, 2, tag="d")
     cert = tmp_path / "audit.pem"
     pki.ok("audit", "cert", "-o", str(cert))
     return pki, cert, _export(pki, tmp_path / "genuine.jsonl")
@@ -121,9 +111,9 @@ def test_an_edited_field_of_the_checkpoint_record_itself_is_refused(
 def test_a_trail_cut_back_to_an_old_checkpoint_fails_against_an_anchor(
         pki: Cli, tmp_path: Path) -> None:
     """A cut exactly at an older checkpoint is a genuine prefix: only a noted anchor reveals it."""
-    _issue(pki, tmp_path, 1)
+    issue_tls(pki, tmp_path, 1)
     old = json.loads(pki.ok("--json", "audit", "checkpoint").out)
-    _issue(pki, tmp_path, 1, tag="d")
+    issue_tls(pki, tmp_path, 1, tag="d")
     new = json.loads(pki.ok("--json", "audit", "checkpoint").out)
     assert new["anchor"] == f"{new['checkpoint']}:{new['chain']}"
     cert = tmp_path / "audit.pem"
@@ -158,9 +148,9 @@ def test_deleting_an_issuance_on_the_live_home_is_caught(pki: Cli, tmp_path: Pat
     put a copy of that older checkpoint where the newer one stood, re-chain, fix the head."""
     cert = tmp_path / "audit.pem"
     pki.ok("audit", "cert", "-o", str(cert))
-    _issue(pki, tmp_path, 1)
+    issue_tls(pki, tmp_path, 1)
     pki.ok("crl", "issuing")  # checkpoint 1
-    serial = _issue(pki, tmp_path, 1, tag="d")[0]
+    serial = issue_tls(pki, tmp_path, 1, tag="d")[0]
     pki.ok("audit", "checkpoint")  # checkpoint 2, which would reveal the deletion
     assert pki("audit", "verify", "--trust", str(cert)).code == 0
     with sqlite3.connect(pki.home / "ca.db", isolation_level=None) as db:
