@@ -373,8 +373,9 @@ def _verify_checkpoint(key: Any, record: dict[str, Any], prev_chain: str,
     if chain != prev_chain:
         return f"it signs a chain value that record {seq} does not have"
     if version == 1:
-        if walk.trail is not None:
-            return "a version-1 checkpoint after a version-2 one (a downgrade)"
+        # pinned to its place by the two checks above; a home upgraded from an older
+        # version has these before its first version-2 checkpoint, and one run again
+        # by older code writes them after: neither is a forgery
         data = checkpoint_payload(seq, chain)
     else:
         trail = info.get("trail")
@@ -413,8 +414,9 @@ def walk_records(
 ) -> Walk:
     """Check shape, sequence, chain values and signed checkpoints of records in order.
 
-    ``trail`` is the trail id the checkpoints must carry (from the trusted
-    audit certificate or the home); ``anchors`` maps sequence numbers to chain
+    ``trail`` is the trail id every version-2 checkpoint must carry (from the
+    trusted audit certificate or the home; without it, the first one's id binds
+    the rest); ``anchors`` maps sequence numbers to chain
     values the verifier saw before (a checkpoint noted off the host), which
     catches a trail cut back to an older checkpoint.
     """

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import Cli, init_args, issue_tls
+from conftest import USER_PIN, Cli, init_args, issue_tls
 
 from hsm_ca.audit import (
     FIELDS,
@@ -184,9 +184,14 @@ def test_another_homes_checkpoint_is_refused(trail: tuple[Cli, Path, list[dict[s
     other.ok("audit", "checkpoint")
     other_records = _export(other, tmp_path / "other.jsonl")
     foreign = other_records[_checkpoints(other_records)[-1]]
-    spliced = _rechain([*records, foreign])
+    spliced = _rechain([*records, foreign])  # appended: it names another position
     r = _verify_file(cli, _write(tmp_path / "x.jsonl", spliced), cert)
-    assert r.code == 1 and "forged" in r.err
+    assert r.code == 1 and "forged" in r.err and "copied or moved" in r.err
+    # at the position it names: the history it signs is not this one
+    at = foreign["seq"] - 1
+    spliced = _rechain([*records[:at], foreign])
+    r = _verify_file(cli, _write(tmp_path / "y.jsonl", spliced), cert)
+    assert r.code == 1 and f"signs a chain value that record {at} does not have" in r.err
 
 
 def test_two_homes_sharing_one_audit_key_keep_their_trails_apart(
@@ -268,3 +273,51 @@ def test_a_replayed_version_1_checkpoint_is_refused() -> None:
     spliced = _rechain([*records[:3], forged, cp])
     walk = walk_records(spliced, key)
     assert not walk.report.ok and "copied or moved" in (walk.report.problem or "")
+
+
+def test_a_home_from_before_version_2_checkpoints_keeps_verifying(
+        soft_pki: Cli, tmp_path: Path) -> None:
+    """Old checkpoints (v1, old audit certificate without a trail id), then new ones, on a live home."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    import hsm_ca
+    from hsm_ca.engine.keys import as_private_key
+    from hsm_ca.x509util import cert_pem
+
+    issue_tls(soft_pki, tmp_path, 1)
+    with hsm_ca.open_home(soft_pki.home, pin=USER_PIN) as ca:  # what the older code wrote
+        handle = ca._new_key(ca.AUDIT_KEY, "ec-p256", ca.actor())
+        key = as_private_key(handle)
+        name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "hsm-ca audit trail signer")])
+        now = dt.datetime.now(dt.UTC)
+        old_cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name)
+                    .public_key(handle.public_key()).serial_number(x509.random_serial_number())
+                    .not_valid_before(now).not_valid_after(now + dt.timedelta(days=3650))
+                    .sign(key, hashes.SHA256()))  # type: ignore[arg-type]
+        with ca.store.transaction():
+            ca.store.set_meta("audit_cert", cert_pem(old_cert))
+        for _ in range(2):
+            with ca.store.transaction():
+                seq, chain = ca.audit._head()
+                sig = key.sign(checkpoint_payload(seq, chain), ec.ECDSA(hashes.SHA256()))  # type: ignore[call-arg]
+                ca.audit.append(ca.actor(), "checkpoint", "signed", key_label=handle.label,
+                                detail=json.dumps({"seq": seq, "chain": chain, "reason": "manual",
+                                                   "signature": base64.b64encode(sig).decode()}))
+    old_pem = tmp_path / "old-audit.pem"
+    old_pem.write_bytes(old_cert.public_bytes(serialization.Encoding.PEM))
+    assert soft_pki("audit", "verify", "--trust", str(old_pem)).code == 0
+    soft_pki.ok("audit", "checkpoint")  # version 2 from now on
+    issue_tls(soft_pki, tmp_path, 1, tag="d")
+    soft_pki.ok("crl", "issuing")
+    for args in ((), ("--trust", str(old_pem))):
+        r = soft_pki("audit", "verify", *args)
+        assert r.code == 0, r.err
+        assert "4 checkpoint(s) signed and verified" in r.out
+    export = tmp_path / "mixed.jsonl"
+    records = _export(soft_pki, export)
+    assert sorted({json.loads(r["detail"]).get("v", 1) for r in records
+                   if r["action"] == "checkpoint"}) == [1, 2]
+    assert _verify_file(soft_pki, export, old_pem).code == 0
