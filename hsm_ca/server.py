@@ -337,6 +337,33 @@ class ConnectionGuard:
         self.open.pop(conn, None)
 
 
+# the first uvicorn whose HttpToolsProtocol has every hook GuardedProtocol overrides
+# (_start_asgi_task came with 0.45.0); pyproject.toml's floor says the same
+UVICORN_FLOOR = "0.45.0"
+_HOOKS = ("connection_made", "connection_lost", "data_received", "on_message_begin",
+          "on_headers_complete", "on_message_complete", "on_response_complete",
+          "pause_writing", "resume_writing", "_start_asgi_task")
+
+
+def require_uvicorn() -> None:
+    """Refuse to serve on a uvicorn that lacks a hook the guard overrides.
+
+    An override of a method the base class never calls is silently dead code:
+    on a uvicorn before 0.45 ``_start_asgi_task`` does not exist, so pipelined
+    requests would never learn that their client is gone and the guard would
+    think no request is running. Better one clear error than a weaker server.
+    """
+    import uvicorn
+    from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+    missing = [name for name in _HOOKS if not callable(getattr(HttpToolsProtocol, name, None))]
+    if missing:
+        version = str(getattr(uvicorn, "__version__", "unknown"))[:32]
+        raise HsmCaError(
+            f"serve needs uvicorn >= {UVICORN_FLOOR} (installed: {version}; its HTTP protocol "
+            f"lacks {', '.join(missing)}); upgrade uvicorn")
+
+
 _TIMEOUT_RESPONSE = (b"HTTP/1.1 %d %s\r\ncontent-type: text/plain; charset=utf-8\r\n"
                      b"content-length: %d\r\nconnection: close\r\n\r\n%s")
 
@@ -538,6 +565,7 @@ def serve(authority: Authority, host: str, port: int, *,
 
     from hsm_ca.ocsp import OcspResponder
 
+    require_uvicorn()
     sockets = listen(host, port)
     settings = authority.config.server
     try:

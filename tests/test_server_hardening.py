@@ -341,6 +341,50 @@ def test_port_in_use_is_one_error_line_exit_1(home: Home) -> None:
     assert f"127.0.0.1:{port}" in lines[0] and "in use" in lines[0], lines
 
 
+def test_serve_refuses_a_uvicorn_without_the_hooks_the_guard_overrides(home: Home) -> None:
+    """uvicorn < 0.45 has no ``_start_asgi_task``: the override would be dead code.
+
+    The real CLI is run in a process whose uvicorn lacks that hook, as 0.44
+    does (checked by hand against a real uvicorn 0.44.0 too); it must refuse
+    with one Error line instead of serving with a silently weaker guard.
+    """
+    home.configure("")
+    code = ("import sys\n"
+            "from uvicorn.protocols.http import httptools_impl as m\n"
+            "del m.HttpToolsProtocol._start_asgi_task\n"
+            "from hsm_ca.entry import main\n"
+            "main()\n")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("HSM_CA_")}
+    env["HSM_CA_PIN"] = USER_PIN
+    try:
+        r = subprocess.run([sys.executable, "-c", code, "--home", str(home.path), "serve",
+                            "--host", "127.0.0.1", "--port", str(free_port())],
+                           capture_output=True, text=True, env=env, timeout=15)
+    except subprocess.TimeoutExpired:
+        pytest.fail("serve ran on a uvicorn without _start_asgi_task")
+    assert r.returncode == 1, (r.returncode, r.stderr)
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("Error: "), r.stderr
+    assert "uvicorn >= 0.45" in lines[0] and "_start_asgi_task" in lines[0], lines
+
+
+def test_the_uvicorn_floor_is_the_one_the_code_needs() -> None:
+    import tomllib
+
+    import uvicorn
+
+    from hsm_ca.server import UVICORN_FLOOR
+
+    project = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())
+    floors = [d for d in project["project"]["dependencies"] if d.startswith("uvicorn")]
+    assert floors == [f"uvicorn>={UVICORN_FLOOR.removesuffix('.0')}"], floors
+
+    def parts(v: str) -> tuple[int, ...]:
+        return tuple(int(p) for p in re.findall(r"\d+", v)[:3])
+
+    assert parts(uvicorn.__version__) >= parts(UVICORN_FLOOR)
+
+
 @pytest.fixture(scope="module")
 def plain(home: Home) -> Iterator[Server]:
     home.configure("")
