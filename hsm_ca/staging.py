@@ -7,9 +7,24 @@ the staging directory itself - a full copy of a CA's secrets - so each one
 records its owner: a file holding the owner's pid, on which the owner keeps
 an exclusive ``flock`` for as long as it runs. The kernel drops that lock when
 the process dies, however it dies, so a staging directory whose owner file
-can be locked is stale, and :func:`sweep` (run by every command on the parent
-directory of its home, and before each new staging) removes it. A live run's
-staging is never touched: its lock is held.
+can be locked is stale, and :func:`sweep` removes it.
+
+What sweep may remove is narrow on purpose, because it runs on every command
+in the home's parent directory - for the default ``~/.hsm-ca`` that is the
+user's own ``$HOME``:
+
+* only names made from *this* home's name in the exact form Staging makes,
+  ``.{home}.{init|restore}-{pid}-{16 hex digits}``;
+* with its whole tree only when it holds an owner file that is a regular file
+  naming that pid and can be locked (its owner is gone);
+* without an owner file only when the pid in its name is gone and the
+  directory is empty but for the owner file being made: nothing of a CA's is
+  ever written before the owner file is in place, so this is only an empty
+  directory.
+
+The owner file is made under a temporary name, locked, written and synced,
+and only then renamed into place, so no sweep ever sees an owner file that is
+not already locked by a live owner.
 """
 
 from __future__ import annotations
@@ -18,19 +33,21 @@ import contextlib
 import fcntl
 import os
 import re
+import secrets
 import shutil
-import tempfile
-import time
+import stat
 from pathlib import Path
 
 OWNER = ".staging-owner"
+OWNER_TMP = ".staging-owner.new"
 KINDS = ("init", "restore")
-# between creating the directory and its owner file there is no lock to test; a directory
-# without an owner file is taken for stale only once it is clearly older than that moment
-ORPHAN_AGE = 60.0
-_NAME = re.compile(r"^\..+\.(?:init|restore)-[A-Za-z0-9_-]+$")
-_PID = re.compile(r"\.(?:init|restore)-(\d+)-")
-_LEGACY = re.compile(r"^\.restore-[A-Za-z0-9_]+$")  # mkdtemp names of earlier versions
+_OWNER_BYTES = 32  # a pid and a newline
+
+
+def _prefix(final: Path) -> str | None:
+    """The start of every staging name for the home ``final``; None for names like ``..``."""
+    name = final.name
+    return None if name in ("", ".", "..") else f".{name}."
 
 
 class Staging:
@@ -40,17 +57,32 @@ class Staging:
         if kind not in KINDS:
             raise ValueError(kind)
         self.final = Path(final)
+        prefix = _prefix(self.final)
+        if prefix is None:
+            raise ValueError(f"no home can be built at {self.final}")
         parent = self.final.parent
         parent.mkdir(parents=True, exist_ok=True)
-        sweep(parent)
-        self.path = Path(tempfile.mkdtemp(prefix=f".{self.final.name}.{kind}-{os.getpid()}-",
-                                          dir=parent))
+        sweep(self.final)
+        while True:
+            path = parent / f"{prefix}{kind}-{os.getpid()}-{secrets.token_hex(8)}"
+            try:
+                os.mkdir(path, 0o700)
+                break
+            except FileExistsError:
+                continue
+        self.path = path
         self._fd: int | None = None
         try:
             os.chmod(self.path, 0o700)
-            self._fd = os.open(self.path / OWNER, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
-            fcntl.flock(self._fd, fcntl.LOCK_EX)
-            os.write(self._fd, f"{os.getpid()}\n".encode())
+            # made, locked, written and synced under another name; only then renamed into
+            # place, so an owner file a sweep can see is always locked while its owner lives
+            fd = os.open(self.path / OWNER_TMP,
+                         os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+            self._fd = fd
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            os.write(fd, f"{os.getpid()}\n".encode())
+            os.fsync(fd)
+            os.rename(self.path / OWNER_TMP, self.path / OWNER)
         except BaseException:
             self.abort()
             raise
@@ -74,65 +106,97 @@ class Staging:
             self._fd = None
 
 
-def _stale(entry: Path) -> bool:
-    """Whether the process that made this staging directory is gone."""
+def _pid_gone(pid: int) -> bool:
+    """Whether no process has this pid (a process we may not signal is alive)."""
     try:
-        fd = os.open(entry / OWNER, os.O_RDWR | os.O_NOFOLLOW)
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except (OSError, OverflowError):
+        return False
+    return False
+
+
+def _owner_released(path: Path, pid: int) -> bool | None:
+    """For a staging with an owner file: True if its owner is gone, False if it lives.
+
+    None when there is no owner file. Anything unexpected (a symlink, not a
+    regular file, another pid inside) is no staging of ours: False.
+    """
+    try:
+        fd = os.open(path / OWNER, os.O_RDWR | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
     except FileNotFoundError:
-        try:
-            age = time.time() - entry.lstat().st_mtime
-        except OSError:
-            return False
-        legacy = _LEGACY.match(entry.name) is not None
-        if legacy and not (entry / "hsm-ca.toml").exists():
-            return False  # not ours to judge
-        return age > ORPHAN_AGE or _owner_gone(entry.name)
+        return None
     except OSError:
         return False
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return False
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            return False  # held: a live init or restore
+        return os.read(fd, _OWNER_BYTES + 1) == f"{pid}\n".encode()
     except OSError:
-        return False  # held: a live init or restore
+        return False
     finally:
-        os.close(fd)  # closing drops a lock we took; the owner is gone anyway
+        os.close(fd)  # drops a lock we took; the owner is gone anyway
+
+
+def _remove_unowned(path: Path, pid: int) -> bool:
+    """A staging killed before its owner file was in place: an empty directory, removed
+    only when the pid in its name is gone and nothing but the owner file being made is in it."""
+    if not _pid_gone(pid):
+        return False
+    try:
+        names = os.listdir(path)
+    except OSError:
+        return False
+    if any(n != OWNER_TMP for n in names):
+        return False
+    with contextlib.suppress(OSError):
+        st = os.lstat(path / OWNER_TMP)
+        if not stat.S_ISREG(st.st_mode) or st.st_size > _OWNER_BYTES:
+            return False
+        os.unlink(path / OWNER_TMP)
+    try:
+        os.rmdir(path)  # fails, leaving it, if anything appeared meanwhile
+    except OSError:
+        return False
     return True
 
 
-def _owner_gone(name: str) -> bool:
-    """Killed between creating the directory and its owner file: the pid in its name is gone."""
-    match = _PID.search(name)
-    if match is None:
-        return False
-    try:
-        os.kill(int(match.group(1)), 0)
-    except ProcessLookupError:
-        return True
-    except (OSError, ValueError, OverflowError):
-        return False
-    return False  # alive (or its pid reused): wait for ORPHAN_AGE
+def sweep(home: Path) -> list[Path]:
+    """Remove stale staging directories of ``home`` in its parent; returns what was removed.
 
-
-def sweep(parent: Path) -> list[Path]:
-    """Remove stale init/restore staging directories in ``parent``; returns what was removed.
-
-    Best effort and quiet: a directory that cannot be read, or an entry that
-    cannot be removed, is left for the next run.
+    Only this home's names in the exact staging form, and only those whose
+    owner is provably gone (see the module docstring). Best effort and
+    quiet: a directory that cannot be read, or an entry that cannot be
+    removed, is left for the next run.
     """
+    home = Path(home)
+    prefix = _prefix(home)
     removed: list[Path] = []
+    if prefix is None:
+        return removed
+    form = re.compile(re.escape(prefix) + r"(?:init|restore)-([0-9]{1,10})-[0-9a-f]{16}")
     try:
-        entries = list(os.scandir(parent))
+        entries = [e for e in os.scandir(home.parent) if e.name.startswith(prefix)]
     except OSError:
         return removed
     for entry in entries:
-        if not entry.name.startswith("."):
-            continue
-        if not (_NAME.match(entry.name) or _LEGACY.match(entry.name)):
+        match = form.fullmatch(entry.name)
+        if match is None:
             continue
         with contextlib.suppress(OSError):
             if not entry.is_dir(follow_symlinks=False):
                 continue
-        path = Path(entry.path)
-        if _stale(path):
+        path, pid = Path(entry.path), int(match.group(1))
+        released = _owner_released(path, pid)
+        if released is None:
+            if _remove_unowned(path, pid):
+                removed.append(path)
+        elif released:
             shutil.rmtree(path, ignore_errors=True)
             removed.append(path)
     return removed

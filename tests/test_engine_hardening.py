@@ -338,14 +338,19 @@ def test_a_restore_killed_at_any_instant_leaves_no_staging_and_no_unrecorded_hom
 def test_a_live_staging_is_never_swept_a_dead_one_always(soft_pki: Cli, tmp_path: Path) -> None:
     parent = tmp_path / "homes"
     parent.mkdir()
-    # an init killed inside its staging: the next command beside it removes the leftover
+    # an init killed inside its staging: the next command on that home removes the leftover
+    # (a command on another home beside it sweeps only that home's names)
     victim = parent / "victim"
     proc = spawn(victim, "init", "--scrypt-n", "1024")
     _kill_when_staging_appears(proc, parent, victim, 0.0)
     if not victim.exists():
         assert _staged(parent, victim), "the kill missed the staging phase"
+    left = _staged(parent, victim)
     subprocess.run([sys.executable, "-m", "hsm_ca", "--home", str(parent / "other"), "ca",
                     "list"], capture_output=True, env=env_with(), timeout=60)
+    assert _staged(parent, victim) == left
+    subprocess.run([sys.executable, "-m", "hsm_ca", "--home", str(victim), "ca", "list"],
+                   capture_output=True, env=env_with(), timeout=60)
     assert _staged(parent, victim) == []
 
     from hsm_ca.staging import Staging
@@ -363,3 +368,123 @@ def test_a_live_staging_is_never_swept_a_dead_one_always(soft_pki: Cli, tmp_path
     live.commit()
     assert (parent / "busy" / "secret").exists()
     assert not (parent / "busy" / ".staging-owner").exists()
+
+
+def _dead_pid() -> int:
+    proc = subprocess.Popen(["true"])
+    proc.wait()
+    return proc.pid
+
+
+def _aged(path: Path, seconds: float = 7200.0) -> None:
+    """Date a directory tree back, past any "old enough to be stale" rule."""
+    import time
+
+    then = time.time() - seconds
+    for p in [*path.rglob("*"), path]:
+        os.utime(p, (then, then), follow_symlinks=False)
+
+
+def test_directories_beside_the_home_that_hsm_ca_did_not_stage_for_it_are_never_swept(
+    tmp_path: Path,
+) -> None:
+    """The default home is ~/.hsm-ca, so its parent is $HOME: every command sweeps there.
+    Only this home's own staging names, in the exact form, with proof the owner is gone."""
+    parent = tmp_path / "user-home"
+    parent.mkdir()
+    home = parent / "h"
+    dead = _dead_pid()
+    keep: dict[str, Path] = {}
+
+    def make(name: str, owner: bytes | None = None, symlink_owner: bool = False) -> Path:
+        d = parent / name
+        (d / "important").mkdir(parents=True)
+        (d / "important" / "file").write_bytes(b"someone's work")
+        if owner is not None:
+            (d / ".staging-owner").write_bytes(owner)
+        if symlink_owner:
+            (d / ".staging-owner").symlink_to(d / "important" / "file")
+        return d
+
+    # the reviewer's repro: other projects' dot-directories ending like a staging name
+    keep["other project init"] = make(".myproject.init-backup")
+    keep["other config restore"] = make(".config.restore-2023")
+    # this home's name, but not the exact staging form
+    keep["loose form"] = make(".h.init-backup")
+    keep["loose restore"] = make(f".h.restore-{dead}-abc")
+    # exact form, dead pid, but no owner file and someone's files inside
+    keep["exact, unowned, full"] = make(f".h.init-{dead}-0123456789abcdef")
+    # exact form, but the owner file is a symlink, or names another pid
+    keep["symlinked owner"] = make(f".h.init-{dead}-00000000000000aa", symlink_owner=True)
+    keep["other pid inside"] = make(f".h.restore-{dead}-00000000000000bb", owner=b"1\n")
+    # another home's stale staging: removed by a command on that home, not on this one
+    keep["another home's"] = make(f".other.init-{dead}-00000000000000cc",
+                                  owner=f"{dead}\n".encode())
+    # the bare names of earlier versions carry no home name: never ours to judge
+    keep["legacy"] = make(".restore-abcd1234")
+    (keep["legacy"] / "hsm-ca.toml").write_text('engine = "soft"\n')
+    # positive controls: this home's killed staging, with and without its owner file in place
+    stale = make(f".h.restore-{dead}-00000000000000dd", owner=f"{dead}\n".encode())
+    unowned = parent / f".h.init-{dead}-00000000000000ee"
+    unowned.mkdir()
+    (unowned / ".staging-owner.new").write_bytes(f"{dead}\n".encode())
+    for d in [*keep.values(), stale, unowned]:
+        _aged(d)
+
+    r = subprocess.run([sys.executable, "-m", "hsm_ca", "--home", str(home), "ca", "list"],
+                       capture_output=True, text=True, env=env_with(), timeout=60)
+    assert r.returncode == 1, r.stderr  # no home there yet; the sweep ran all the same
+    gone = [what for what, d in keep.items() if not (d / "important" / "file").exists()]
+    assert gone == [], gone
+    assert not stale.exists() and not unowned.exists()
+
+    r = subprocess.run([sys.executable, "-m", "hsm_ca", "--home", str(home), "init",
+                        "--scrypt-n", "1024"], capture_output=True, text=True, env=env_with(),
+                       timeout=60)
+    assert r.returncode == 0, r.stderr
+    gone = [what for what, d in keep.items() if not (d / "important" / "file").exists()]
+    assert gone == [], gone
+
+
+SWEEPER = """
+import sys
+from pathlib import Path
+from hsm_ca.staging import sweep
+home, stop = Path(sys.argv[1]), Path(sys.argv[2])
+print("ready", flush=True)
+while not stop.exists():
+    sweep(home)
+"""
+
+
+def test_sweeps_racing_many_stagings_never_remove_a_live_one(tmp_path: Path) -> None:
+    """The owner file appears in its place already locked: no sweep, however timed, can
+    take a live staging for a dead one (before, ~1 in 500 creations lost its directory)."""
+    from hsm_ca.staging import Staging
+
+    parent = tmp_path / "homes"
+    parent.mkdir()
+    home, stop = parent / "h", tmp_path / "stop"
+    sweepers = [subprocess.Popen([sys.executable, "-c", SWEEPER, str(home), str(stop)],
+                                 stdout=subprocess.PIPE, text=True) for _ in range(2)]
+    lost = 0
+    try:
+        for s in sweepers:
+            assert s.stdout is not None and s.stdout.readline() == "ready\n"
+        for _ in range(8000):
+            stage = Staging(home, "init")
+            try:
+                (stage.path / "secret").write_bytes(b"x")
+                if not (stage.path / ".staging-owner").is_file():
+                    lost += 1
+            except OSError:
+                lost += 1
+            stage.abort()
+            if lost:
+                break
+    finally:
+        stop.touch()
+        for s in sweepers:
+            s.communicate(timeout=30)
+    assert lost == 0
+    assert [p.name for p in parent.iterdir()] == []

@@ -39,7 +39,7 @@ class State:
         from hsm_ca.staging import sweep
 
         home = self.home
-        sweep(home.parent)  # what a killed init or restore left beside it (staging.py)
+        sweep(home)  # what a killed init or restore of this home left beside it (staging.py)
         return load_config(home)
 
     def user_pin_source(self, pin_file: str | None = None) -> Any:
