@@ -94,15 +94,11 @@ def list_users(authority: Authority) -> list[UserInfo]:
 
 def add_user(authority: Authority, so_pin: str, name: str, role: str, pin: str) -> None:
     """Add an engine user. User names follow the name rule (hsm_ca.names) and are unique
-    regardless of case: ``Officer`` beside ``officer`` would make the trail ambiguous."""
-    from hsm_ca.errors import AlreadyExists
-    from hsm_ca.names import check_name, fold
+    regardless of case, checked by the engine under its lock (SoftEngine.add_user)."""
+    from hsm_ca.names import check_name
 
-    check_name(name, "HSM user name")
+    check_name(name, "HSM user name")  # before a login is spent on it
     engine = officer_login(authority, so_pin)
-    taken = next((u.name for u in engine.list_users() if fold(u.name) == fold(name)), None)
-    if taken is not None:
-        raise AlreadyExists(f"HSM user {taken!r} already exists (names are unique regardless of case)")
     engine.add_user(name, Role(role), pin)
     _record(authority, "user-add", "ok", detail=f"user {name} role {role}")
 

@@ -488,3 +488,40 @@ def test_sweeps_racing_many_stagings_never_remove_a_live_one(tmp_path: Path) -> 
             s.communicate(timeout=30)
     assert lost == 0
     assert [p.name for p in parent.iterdir()] == []
+
+
+# ------------------------------------------------- HSM user names, under the lock
+def test_concurrent_user_adds_differing_only_in_case_leave_one_user(soft_pki: Cli) -> None:
+    """The case-insensitive uniqueness check is made under the keystore lock."""
+    variants = ["foo", "Foo", "FOO", "fOo", "foO", "FoO"]
+    for round_ in range(3):
+        names = [f"{v}{round_}" for v in variants]
+        results = finish([spawn(soft_pki.home, "hsm", "user", "add", n,
+                                HSM_CA_NEW_PIN=f"pin-of-{n}") for n in names])
+        added = [n for n, (code, _err) in zip(names, results, strict=True) if code == 0]
+        assert len(added) == 1, results
+        refused = [err for code, err in results if code != 0]
+        assert all(code == 1 for code, _ in results if code != 0), results
+        assert all(err.count("Error:") == 1 and "already exists" in err
+                   and "regardless of case" in err for err in refused), refused
+        users = json.loads(soft_pki.ok("hsm", "user", "list", "--json").out)
+        assert [u["name"] for u in users if u["name"].lower() == f"foo{round_}"] == added
+
+
+@pytest.mark.parametrize(("officer", "user", "needle"), [
+    ("same", "same", "must differ"),
+    ("Admin", "admin", "must differ"),
+    ("crypto-officer", "bad name!", "invalid HSM user name"),
+])
+def test_init_refuses_officer_and_user_names_that_collide_or_break_the_rule(
+    tmp_path: Path, officer: str, user: str, needle: str
+) -> None:
+    """The same name for both roles used to overwrite the officer: a home with no officer."""
+    home = tmp_path / "h"
+    r = subprocess.run([sys.executable, "-m", "hsm_ca", "--home", str(home), "init",
+                        "--scrypt-n", "1024", "--officer", officer, "--user", user],
+                       capture_output=True, text=True, env=env_with(), timeout=60)
+    lines = r.stderr.splitlines()
+    assert r.returncode == 2 and len(lines) == 1 and lines[0].startswith("Error:"), r.stderr
+    assert needle in lines[0], r.stderr
+    assert not home.exists() and list(tmp_path.iterdir()) == []

@@ -61,6 +61,7 @@ from hsm_ca.errors import (
     UsageError,
 )
 from hsm_ca.fileio import atomic_write
+from hsm_ca.names import check_name, fold
 
 FORMAT = "hsm-ca-keystore"
 VERSION = 1
@@ -182,6 +183,11 @@ class SoftEngine:
         path = Path(path)
         if (path / KEYSTORE).exists():
             raise AlreadyExists(f"an HSM partition already exists at {path}")
+        for name in (officer, user):
+            check_name(name, "HSM user name")
+        if fold(officer) == fold(user):  # one would overwrite the other: no officer left
+            raise UsageError("the crypto-officer and crypto-user names must differ "
+                             "(names are unique regardless of case)")
         if kdf.scrypt_problem(scrypt_n, 8, 1) is not None or scrypt_n < MIN_SCRYPT_N:
             raise UsageError(
                 f"scrypt cost must be a power of two from {MIN_SCRYPT_N} to "
@@ -564,13 +570,23 @@ class SoftEngine:
         ]
 
     def add_user(self, name: str, role: Role, pin: str) -> None:
-        """Officer only: create a user whose PIN wraps the same master key."""
+        """Officer only: create a user whose PIN wraps the same master key.
+
+        User names follow the name rule and are unique regardless of case
+        (``Officer`` beside ``officer`` would make the trail ambiguous); the
+        check is made under the keystore lock, so two concurrent adds of
+        ``Foo`` and ``foo`` cannot both pass it.
+        """
         mk = self._require(Role.OFFICER)
-        validate_label(name)
+        check_name(name, "HSM user name")
         _check_pin(pin)
         with self._locked() as state:
-            if name in state["users"]:
-                raise AlreadyExists(f"HSM user {name!r} already exists")
+            taken = next((u for u in state["users"] if fold(u) == fold(name)), None)
+            if taken is not None:
+                raise AlreadyExists(
+                    f"HSM user {taken!r} already exists"
+                    + (" (names are unique regardless of case)" if taken != name else "")
+                )
             state["users"][name] = self._wrap_for_user(state, mk, name, Role(role), pin)
             self._write(state)
 
