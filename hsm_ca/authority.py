@@ -673,7 +673,7 @@ class Authority:
                 )
             if not len(subject):
                 raise UsageError("the CA subject must not be empty")
-            profile = self.profiles.get(profile_name)
+            profile = self.profiles.for_issuance(profile_name)
             if key_type not in profile.key_types:
                 raise PolicyViolation(
                     f"key type {key_type} is not allowed by profile {profile_name}"
@@ -774,7 +774,7 @@ class Authority:
         the time.
         """
         try:
-            profile = self.profiles.get(profile_name)
+            profile = self.profiles.for_issuance(profile_name)
             ca = self.get_ca(ca_name)
             if profile.name == "root-ca":
                 raise PolicyViolation(
@@ -1160,7 +1160,7 @@ class Authority:
         validate_key_type(key_type)
         actor = self.actor()
         try:
-            profile = self.profiles.get(profile_name)
+            profile = self.profiles.for_issuance(profile_name)
             ca = self.get_ca(ca_name)
             if key_type not in profile.key_types:
                 raise PolicyViolation(f"key type {key_type} is not allowed by profile {profile_name}")

@@ -587,6 +587,7 @@ def apply(authority: Authority, spec: PkiSpec,
             f"{spec.path}: {len(current.drift)} item(s) differ from the home (drift), refusing to "
             f"re-issue; first: {first.kind} {first.name}: {first.detail}"
         )
+    _check_profiles(authority, spec, current)
     done = Plan()
     for ca in spec.ordered_cas():
         if authority.store.get_ca(ca.name) is not None:
@@ -617,6 +618,35 @@ def apply(authority: Authority, spec: PkiSpec,
         done.items.append(PlanItem("signer", s.label, "create"))
     _write_outputs(authority, spec, say)
     return done
+
+
+def _check_profiles(authority: Authority, spec: PkiSpec, current: Plan) -> None:
+    """Judge every profile 'apply' will issue under before it creates anything.
+
+    Loading and planning only read profiles, so an override that widens a
+    shipped one without declaring it is found here, not half-way through the
+    run (after the CAs were made); the refusal is recorded like any other,
+    and a declared widening warns once for the whole run.
+    """
+    creates = {(i.kind, i.name) for i in current.items if i.action == "create"}
+    needed: dict[str, str] = {}  # profile -> the CA that would sign under it
+    for ca in spec.ordered_cas():
+        if ("ca", ca.name) in creates:
+            needed.setdefault("root-ca" if ca.parent is None else "intermediate-ca",
+                              ca.parent or ca.name)
+    for c in spec.certificates:
+        if ("certificate", str(c.out)) in creates:
+            needed.setdefault(c.profile, c.ca)
+    for s in spec.signers:
+        if ("signer", s.label) in creates:
+            needed.setdefault("code-signing", s.ca)
+    for profile, ca_name in needed.items():
+        try:
+            authority.profiles.for_issuance(profile)
+        except HsmCaError as e:
+            authority.audit.append(authority.actor(), "issue", "refused", ca=ca_name,
+                                   profile=profile, detail=f"bootstrap {spec.path}: {e}")
+            raise
 
 
 def _apply_certificate(authority: Authority, c: CertSpec) -> tuple[str, str]:

@@ -93,12 +93,54 @@ WIDENINGS = (
     "ca",
     "key_usage",
     "extended_key_usage",
+    "eku_critical",
     "max_days",
     "path_length",
     "cabf_server_auth",
     "ocsp_no_check",
+    "policies",
+    "lint",
+    "key_types",
+    "san_kinds",
+    "san_required",
+    "max_sans",
+    "subject_attributes",
+    "cn_in_san",
+    "uri_schemes",
+    "allow_mixed_script",
 )
 """The powers a home override may add to a shipped profile only by declaring them."""
+
+FIELD_EFFECTS: dict[str, str] = {
+    # what each schema field can do to the certificates a profile grants: the WIDENINGS
+    # entry that names the direction in which it adds power, or "" for a field that
+    # cannot add any (tests check that every field of _SCHEMA is classified here)
+    "description": "",  # text for people
+    "widens": "",  # the declaration itself
+    "certificate.ca": "ca",  # leaf -> CA
+    "certificate.path_length": "path_length",  # deeper or unlimited
+    "certificate.key_usage": "key_usage",  # any usage added
+    "certificate.extended_key_usage": "extended_key_usage",  # added, or all removed (any)
+    "certificate.eku_critical": "eku_critical",  # critical -> not: unaware parties accept it
+    "certificate.default_days": "",  # always <= max_days, which is judged
+    "certificate.max_days": "max_days",  # longer validity
+    "certificate.cabf_server_auth": "cabf_server_auth",  # the CA/B validity clamp off
+    "certificate.policies": "policies",  # a policy OID asserted that was not
+    "certificate.subject_key_identifier": "",  # an identifier, grants nothing
+    "certificate.ocsp_no_check": "ocsp_no_check",  # relying parties stop checking
+    "certificate.lint": "lint",  # pre-issuance linting off
+    "request.key_types": "key_types",  # a key type accepted that was not
+    "request.san_kinds": "san_kinds",  # a SAN kind accepted that was not
+    "request.san_required": "san_required",  # certificates without SANs
+    "request.max_sans": "max_sans",  # more names per certificate
+    "request.subject_attributes": "subject_attributes",  # attributes kept that were dropped
+    "request.cn_in_san": "cn_in_san",  # a kept CN no longer checked as a host name
+    "request.uri_schemes": "uri_schemes",  # a URI scheme accepted that was not
+    "request.allow_mixed_script": "allow_mixed_script",  # look-alike labels accepted
+    # the CRL cadence: bounded to 1..366 days when loaded, grants no certificate any
+    # power, and must never stop a CA from publishing revocations
+    "crl.next_update_days": "",
+}
 
 _SCHEMA: dict[str, dict[str, tuple[type, Any]]] = {
     "": {"description": (str, ""), "widens": (list, [])},
@@ -276,22 +318,32 @@ def widenings(shipped: Profile, override: Profile) -> dict[str, str]:
     """What ``override`` lets a certificate do that ``shipped`` does not, each described.
 
     Narrowing (fewer days, fewer SAN kinds) is what overrides are for and is
-    free; these are the certificate powers a typo or a hostile edit of the
-    home could add: a CA where a leaf was meant, CA-ish or new key usages, an
-    EKU added (or all removed, which means "any purpose"), longer validity,
-    a deeper or unlimited path, the CA/B validity clamp or revocation
-    checking (OCSP no-check) turned off.
+    free; these are the powers a typo or a hostile edit of the home could
+    add, one entry per WIDENINGS kind (FIELD_EFFECTS says which schema field
+    each comes from): a CA where a leaf was meant, new key usages, an EKU added
+    (or all removed, which means "any purpose") or made non-critical, longer
+    validity, a deeper or unlimited path, the CA/B validity clamp, OCSP
+    checking or linting turned off, a certificate policy asserted, and every
+    request check relaxed: key types, SAN kinds, a required SAN, the SAN count,
+    subject attributes kept, the CN-as-host-name check, URI schemes and
+    single-script labels.
     """
     found: dict[str, str] = {}
+
+    def added(kind: str, ship: Any, over: Any) -> None:
+        extra = ", ".join(sorted(set(over) - set(ship)))
+        if extra:  # policies and schemes are the file's own text: at most ~64 characters
+            found[kind] = "adds " + (extra if len(extra) <= 64 else f"{extra[:60]}...")
+
     if override.is_ca and not shipped.is_ca:
         found["ca"] = "leaf -> CA"
-    if not override.key_usage <= shipped.key_usage:
-        found["key_usage"] = "adds " + ", ".join(sorted(override.key_usage - shipped.key_usage))
-    ship_eku, over_eku = set(shipped.extended_key_usage), set(override.extended_key_usage)
-    if ship_eku and not over_eku:
+    added("key_usage", shipped.key_usage, override.key_usage)
+    if shipped.extended_key_usage and not override.extended_key_usage:
         found["extended_key_usage"] = "none (any purpose)"
-    elif not over_eku <= ship_eku:
-        found["extended_key_usage"] = "adds " + ", ".join(sorted(over_eku - ship_eku))
+    else:
+        added("extended_key_usage", shipped.extended_key_usage, override.extended_key_usage)
+    if shipped.eku_critical and override.extended_key_usage and not override.eku_critical:
+        found["eku_critical"] = "EKU no longer critical"
     if override.max_days > shipped.max_days:
         found["max_days"] = f"{shipped.max_days} -> {override.max_days}"
     if shipped.is_ca and override.is_ca and shipped.path_length is not None and (
@@ -302,6 +354,28 @@ def widenings(shipped: Profile, override: Profile) -> dict[str, str]:
         found["cabf_server_auth"] = "CA/B validity clamp off"
     if override.ocsp_no_check and not shipped.ocsp_no_check:
         found["ocsp_no_check"] = "OCSP no-check on"
+    added("policies", shipped.policies, override.policies)
+    if shipped.lint and not override.lint:
+        found["lint"] = "pre-issuance lint off"
+    added("key_types", shipped.key_types, override.key_types)
+    added("san_kinds", shipped.san_kinds, override.san_kinds)
+    if shipped.san_required and not override.san_required:
+        found["san_required"] = "SANs no longer required"
+    if override.max_sans > shipped.max_sans:
+        found["max_sans"] = f"{shipped.max_sans} -> {override.max_sans}"
+    if shipped.subject_attributes is not None:
+        if override.subject_attributes is None:
+            found["subject_attributes"] = "any attribute kept"
+        else:
+            added("subject_attributes", shipped.subject_attributes, override.subject_attributes)
+    keeps_cn = override.subject_attributes is None or "CN" in override.subject_attributes
+    if shipped.cn_in_san and not override.cn_in_san and keeps_cn:
+        # with the CN dropped from the subject, not copying it is only fewer names
+        found["cn_in_san"] = "a kept CN is no longer checked as a host name"
+    if "uri" in override.san_kinds:
+        added("uri_schemes", shipped.uri_schemes, override.uri_schemes)
+    if override.allow_mixed_script and not shipped.allow_mixed_script:
+        found["allow_mixed_script"] = "mixed-script (look-alike) labels allowed"
     return found
 
 
@@ -320,19 +394,34 @@ class ProfileStore:
         self._dirs = [d for d in (home_profiles, shipped_profiles_dir()) if d is not None]
         self._cache: dict[str, Profile] = {}
         self._widened: dict[str, dict[str, str]] = {}
+        self._warned: set[str] = set()
 
     def get(self, name: str) -> Profile:
-        """The profile ``name``; a home override that widens a shipped one must say so.
+        """The profile ``name``, for uses that grant no power: CRLs, plans, listings.
 
-        An override adding any of WIDENINGS without listing it in ``widens``
-        is refused; a declared widening prints a ``Warning:`` line on stderr
-        every time the profile is used, so it is never quiet.
+        A home override is not judged here: signing a CRL uses only the CA
+        profile's ``crl.next_update_days``, and must go on (in ``serve`` too)
+        whatever else an override says. Issuing anything goes through
+        ``for_issuance``, which judges it.
+        """
+        return self._get(name)
+
+    def for_issuance(self, name: str) -> Profile:
+        """The profile ``name`` to issue a certificate, or create a CA or signer, under.
+
+        This is where an override's powers are granted, so it is judged here:
+        one adding any of WIDENINGS without listing it in ``widens`` is refused
+        (ProfileInvalid, which callers record as a refused issuance); a declared
+        widening writes one ``Warning:`` line on stderr the first time this
+        store grants it, so once per command however many certificates the
+        command issues, and never quietly.
         """
         profile = self._get(name)
         if name not in self._widened:
             self._widened[name] = self._check_override(profile)
         wide = self._widened[name]
-        if wide:
+        if wide and name not in self._warned:
+            self._warned.add(name)
             what = "; ".join(f"{k}: {v}" for k, v in wide.items())
             sys.stderr.write(f"Warning: profile {name} ({profile.source}) widens the shipped "
                              f"profile: {what}\n")

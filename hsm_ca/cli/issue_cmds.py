@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 from typing import Any
@@ -86,6 +87,10 @@ def sign(
         helpers: list[Any] = []
         jobs = jobs or (min(os.cpu_count() or 1, 4) if len(csr_files) >= 400 else 1)
         if jobs > 1 and len(csr_files) >= 2 * jobs:
+            # a declared widening warns here, once, not in every forked helper; a refusal
+            # is raised (and recorded for each CSR) by the signing below
+            with contextlib.suppress(HsmCaError):
+                auth.profiles.for_issuance(profile)
             if auth.config.engine == "soft" and hasattr(os, "fork"):
                 csr_files, helpers = _fork_helpers(
                     auth, csr_files, jobs, ca_name, profile, days, chain, Path(out_dir))
