@@ -34,6 +34,7 @@ SIGNATURE_BYTES = 16 * MiB  # a detached CMS signature: certificates, a time sta
 BACKUP_BYTES = 1 * GiB  # read whole: authenticated encryption opens the whole file at once
 AUDIT_LINE_BYTES = 1 * MiB  # one exported audit record
 AUDIT_EXPORT_BYTES = 64 * GiB  # read line by line, never whole
+KEYSTORE_BYTES = 64 * MiB  # the built-in engine's keystore: thousands of wrapped keys
 MAX_PATH_SHOWN = 64
 
 

@@ -37,8 +37,15 @@ def _key(salt: bytes, n: int, r: int, p: int, pin: str) -> tuple[bytes, int, int
 
 def start(partition: Path, user: str, pin: str) -> None:
     """Begin deriving ``user``'s key-encryption key in a background thread (best effort)."""
+    from hsm_ca.errors import HsmCaError
+    from hsm_ca.fileio import KEYSTORE_BYTES, read_regular_file
+
+    try:  # bounded, never a FIFO: this runs on the main thread before anything else
+        raw = read_regular_file(Path(partition) / "keystore", KEYSTORE_BYTES, "HSM keystore")
+    except HsmCaError:
+        return  # login will find and report whatever is wrong
     try:
-        body = (Path(partition) / "keystore").read_bytes().split(b"\n", 1)[0]
+        body = raw.split(b"\n", 1)[0]
         state = json.loads(body)
         params = state["kdf"]
         salt = base64.b64decode(state["users"][user]["salt"])

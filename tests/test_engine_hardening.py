@@ -525,3 +525,33 @@ def test_init_refuses_officer_and_user_names_that_collide_or_break_the_rule(
     assert r.returncode == 2 and len(lines) == 1 and lines[0].startswith("Error:"), r.stderr
     assert needle in lines[0], r.stderr
     assert not home.exists() and list(tmp_path.iterdir()) == []
+
+
+# ------------------------------------- partition files that are not small regular files
+@pytest.mark.parametrize("what", ["keystore", "partition.key"])
+@pytest.mark.parametrize("kind", ["fifo", "oversized"])
+def test_a_fifo_or_huge_file_in_the_partition_is_one_tamper_error_not_a_hang(
+    soft_pki: Cli, what: str, kind: str
+) -> None:
+    """The early derivation (prelogin, on the main thread, before anything else) and the
+    engine read the partition through the bounded reader: a FIFO there hung both."""
+    target = soft_pki.home / "hsm" / what
+    saved = target.read_bytes()
+    target.unlink()
+    if kind == "fifo":
+        os.mkfifo(target)
+    else:  # sparse: costs no disk, would cost 65 MiB of memory if read whole
+        with open(target, "wb") as fh:
+            fh.truncate(65 * 1024 * 1024)
+    try:
+        r = subprocess.run(
+            [sys.executable, "-m", "hsm_ca", "--home", str(soft_pki.home), "crl", "issuing"],
+            capture_output=True, text=True, env=env_with(), timeout=20,
+        )
+        lines = r.stderr.splitlines()
+        assert r.returncode == 1 and len(lines) == 1, r.stderr
+        assert lines[0].startswith("Error:") and "tamper" in lines[0], r.stderr
+    finally:
+        target.unlink()
+        target.write_bytes(saved)
+    soft_pki.ok("crl", "issuing")

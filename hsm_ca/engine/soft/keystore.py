@@ -27,6 +27,7 @@ import hmac
 import json
 import os
 import secrets
+import stat
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -60,7 +61,7 @@ from hsm_ca.errors import (
     Tampered,
     UsageError,
 )
-from hsm_ca.fileio import atomic_write
+from hsm_ca.fileio import KEYSTORE_BYTES, InputError, atomic_write, read_regular_file, show_path
 from hsm_ca.names import check_name, fold
 
 FORMAT = "hsm-ca-keystore"
@@ -86,6 +87,24 @@ def canonical_json(obj: Any) -> bytes:
 
 def _now() -> str:
     return _dt.datetime.now(_dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _read_small(path: Path, limit: int, what: str) -> bytes:
+    """A regular file of at most ``limit`` bytes, whole (fileio's bounded reader).
+
+    A FIFO, device or oversized file where a partition file should be is
+    tampering, never a hang or an unbounded read; a missing file raises
+    FileNotFoundError and an unreadable one OSError, as before, so the node
+    is reported missing or unreachable.
+    """
+    st = os.stat(path)  # FileNotFoundError / OSError: missing or unreachable
+    if not stat.S_ISREG(st.st_mode) or st.st_size > limit:
+        raise Tampered(f"{what} {show_path(path)} has been tampered with: "
+                       f"not a regular file of at most {limit} bytes")
+    try:
+        return read_regular_file(path, limit, what)
+    except InputError as e:  # changed since the stat, or unreadable
+        raise OSError(e.reason) from None
 
 
 def write_private_file(path: Path, data: bytes) -> None:
@@ -218,11 +237,11 @@ class SoftEngine:
     def _read_node(node: Path) -> tuple[dict[str, Any], bytes, bytes]:
         """Authenticate one node: (state, keystore bytes, partition key); any altered byte is tampering."""
         try:
-            raw = (node / KEYSTORE).read_bytes()
+            raw = _read_small(node / KEYSTORE, KEYSTORE_BYTES, "HSM keystore")
         except FileNotFoundError as e:
             raise EngineError(f"no HSM partition at {node}") from e
         try:
-            key = (node / PARTITION_KEY).read_bytes()
+            key = _read_small(node / PARTITION_KEY, 64, "HSM partition key")
         except FileNotFoundError as e:
             raise Tampered(f"HSM partition at {node} has been tampered with: its partition key is missing") from e
         if len(key) != 32:
@@ -331,7 +350,7 @@ class SoftEngine:
         elif self._any_node():
             key = self._partition_key()
         else:  # a partition being created: its key was just written
-            key = (self.path / PARTITION_KEY).read_bytes()
+            key = _read_small(self.path / PARTITION_KEY, 64, "HSM partition key")
         body = canonical_json(state)
         mac = hmac.new(key, body, hashlib.sha256).hexdigest().encode()
         self._replicate(body + b"\n" + mac + b"\n", key)
@@ -366,7 +385,11 @@ class SoftEngine:
             for node in targets:
                 node.mkdir(mode=0o700, exist_ok=True)
                 pk = node / PARTITION_KEY
-                if not pk.exists() or pk.read_bytes() != key:
+                try:
+                    same = _read_small(pk, 64, "HSM partition key") == key
+                except (OSError, Tampered):  # absent, or anything but a small regular file
+                    same = False
+                if not same:
                     write_private_file(pk, key)
                 tmp = node / f".{KEYSTORE}.{secrets.token_hex(4)}.tmp"
                 fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
