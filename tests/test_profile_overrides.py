@@ -13,11 +13,17 @@ from __future__ import annotations
 
 import datetime as dt
 import hashlib
+import http.client
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
-from conftest import Cli, make_csr, run_process
+from conftest import USER_PIN, Cli, make_csr, run_process
 from cryptography import x509
 
 from hsm_ca.profiles import (
@@ -396,6 +402,62 @@ def test_crls_are_signed_under_a_widening_ca_profile_override(
     crls = [r["outcome"] for r in json.loads(soft_pki.ok("--json", "audit", "list").out)
             if r["action"] == "crl"]
     assert crls[-6:] == ["intent", "issued"] * 3, crls
+
+
+
+def _get(port: int, path: str) -> tuple[int, bytes]:
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    try:
+        conn.request("GET", path)
+        r = conn.getresponse()
+        return r.status, r.read()
+    finally:
+        conn.close()
+
+
+def test_serve_signs_crls_under_an_undeclared_widening_and_says_nothing(
+    soft_pki: Cli, csr: Path, tmp_path: Path
+) -> None:
+    issued = tmp_path / "leaf.pem"
+    soft_pki.ok("sign", str(csr), "--ca", "issuing", "--profile", "tls-server", "-o", str(issued))
+    serial = x509.load_pem_x509_certificate(issued.read_bytes()).serial_number
+    _ca_overrides(soft_pki, "")
+    sys.path.insert(0, str(Path(__file__).parent / "interop"))
+    from revocation_support import free_port
+
+    port, log = free_port(), tmp_path / "serve.log"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("HSM_CA_")}
+    env["HSM_CA_PIN"] = USER_PIN
+    with log.open("wb") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "hsm_ca", "--home", str(soft_pki.home), "serve",
+             "--host", "127.0.0.1", "--port", str(port)],
+            stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, env=env)
+    try:
+        deadline = time.monotonic() + 20
+        while True:
+            assert proc.poll() is None, log.read_text()
+            try:
+                if _get(port, "/health")[0] == 200:
+                    break
+            except OSError:
+                pass
+            assert time.monotonic() < deadline, log.read_text()
+            time.sleep(0.1)
+        for ca, days in (("root", 3), ("issuing", 2)):  # none stored yet: serve signs them
+            status, body = _get(port, f"/crl/{ca}.crl")
+            assert status == 200, (status, body[:200], log.read_text())
+            crl = x509.load_der_x509_crl(body)
+            assert crl.next_update_utc - crl.last_update_utc == dt.timedelta(days=days)
+        soft_pki.ok("revoke", format(serial, "x"))
+        status, body = _get(port, "/crl/issuing.crl")  # a newer revocation: signed afresh
+        assert status == 200, (status, log.read_text())
+        assert x509.load_der_x509_crl(body).get_revoked_certificate_by_serial_number(serial)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=15)
+    text = log.read_text()
+    assert "Warning" not in text and "Error" not in text and "widens" not in text, text
 
 
 @pytest.mark.parametrize("declared", [False, True], ids=["undeclared", "declared"])
