@@ -54,6 +54,8 @@ class ServerSettings:
 
 
 OCSP_NONCE_MODES = ("honor", "ignore")
+OCSP_KEYS = ("ocsp_nonces", "ocsp_nonce_rate", "ocsp_nonce_burst", "ocsp_nonce_global_rate",
+             "ocsp_nonce_global_burst")
 
 
 @dataclass(frozen=True)
@@ -71,6 +73,9 @@ class HomeConfig:
     ocsp_nonces: str = "honor"
     ocsp_nonce_rate: float = 2.0  # nonce signatures per second per client address
     ocsp_nonce_burst: int = 20
+    # and for all clients together, so the audit table grows at a bounded rate
+    ocsp_nonce_global_rate: float = 20.0
+    ocsp_nonce_global_burst: int = 200
     server: ServerSettings = field(default_factory=ServerSettings)
     nodes: tuple[Path, ...] = ()
     partition_id: str | None = None
@@ -223,7 +228,7 @@ def render_config(cfg: HomeConfig) -> str:
         lines.append("# replica partitions of the built-in engine (hsm-ca hsm node add)")
         lines.append("nodes = [" + ", ".join(_toml_value(str(n)) for n in cfg.nodes) + "]")
     defaults = HomeConfig(home=cfg.home)
-    for key in ("ocsp_nonces", "ocsp_nonce_rate", "ocsp_nonce_burst"):
+    for key in OCSP_KEYS:
         if getattr(cfg, key) != getattr(defaults, key):
             lines.append(f"{key} = {_toml_value(getattr(cfg, key))}")
     if cfg.server != defaults.server:
@@ -247,7 +252,7 @@ def render_config(cfg: HomeConfig) -> str:
 
 
 _TOP_KEYS = {"engine", "base_url", "user", "officer", "ocsp_cache_seconds", "pkcs11", "nodes",
-             "partition_id", "ocsp_nonces", "ocsp_nonce_rate", "ocsp_nonce_burst", "server"}
+             "partition_id", "server", *OCSP_KEYS}
 SERVER_KEYS = ("idle_timeout", "read_timeout", "write_timeout", "max_connections")
 _MAX_TIMEOUT = 86_400.0  # a day: anything longer is a typo, and huge floats overflow call_later
 
@@ -263,14 +268,19 @@ def _number(path: Path, field_name: str, value: Any, *, low: float, high: float,
 
 
 def _ocsp_settings(path: Path, data: dict[str, Any]) -> dict[str, Any]:
-    """The top-level OCSP nonce settings (``ocsp_nonces``, ``ocsp_nonce_rate``, ``_burst``)."""
+    """The top-level OCSP nonce settings: the mode, and the per-client and global rations."""
     mode = data.get("ocsp_nonces", "honor")
     if mode not in OCSP_NONCE_MODES:
         raise ConfigError(f"{path}: field 'ocsp_nonces' must be 'honor' or 'ignore'")
-    rate = _number(path, "ocsp_nonce_rate", data.get("ocsp_nonce_rate", 2.0), low=0, high=1e6)
-    burst = _number(path, "ocsp_nonce_burst", data.get("ocsp_nonce_burst", 20), low=0, high=1e6,
-                    integer=True)
-    return {"ocsp_nonces": mode, "ocsp_nonce_rate": float(rate), "ocsp_nonce_burst": burst}
+    defaults = HomeConfig(home=path.parent)
+    values: dict[str, Any] = {"ocsp_nonces": mode}
+    for prefix in ("ocsp_nonce", "ocsp_nonce_global"):
+        rate, burst = f"{prefix}_rate", f"{prefix}_burst"
+        values[rate] = float(_number(path, rate, data.get(rate, getattr(defaults, rate)),
+                                     low=0, high=1e6))
+        values[burst] = _number(path, burst, data.get(burst, getattr(defaults, burst)), low=0,
+                                high=1e6, integer=True)
+    return values
 
 
 def _server_settings(path: Path, section: Any) -> ServerSettings:

@@ -11,17 +11,20 @@ A fresh signature costs an HSM operation and a durable audit row, so a client
 must not be able to ask for them without bound. With ``ocsp_nonces = "ignore"``
 nonces are not echoed at all (RFC 5019 section 4 allows it) and every answer
 comes from the cache. With ``"honor"`` (the default) each client address (IPv6
-by /64) has a token bucket, ``ocsp_nonce_rate`` per second up to
-``ocsp_nonce_burst``: a nonce signature or a signature for a serial this CA
-never issued takes a token. Over the limit a nonce request gets the cached
-answer without the nonce, which RFC 6960/8954 clients accept as a valid
-response (openssl warns "no nonce in response" and verifies it; browsers send
-no nonce at all), whereas ``tryLater`` makes them fail or soft-fail; only a
-never-issued serial over the limit gets ``tryLater`` (nothing is cached for it,
-and nothing is lost by refusing). Answers from the cache, and filling the cache
-for an issued certificate (at most one signature per certificate per cache
-interval), are never limited. The buckets live in this process's memory: they
-bound signatures per ``serve`` process, not per home.
+by /56) has a token bucket, ``ocsp_nonce_rate`` per second up to
+``ocsp_nonce_burst``, and all clients share one more,
+``ocsp_nonce_global_rate`` up to ``ocsp_nonce_global_burst``, so the database
+grows at a bounded rate however many addresses ask. Any signature the cache
+will not share takes a token from both: a nonce, a serial this CA never issued
+(whose answer is never cached), or a fill of a cache that is full. Over the
+limit a nonce request gets the cached answer without the nonce, which RFC
+6960/8954 clients accept as a valid response (openssl warns "no nonce in
+response" and verifies it; browsers send no nonce at all), whereas ``tryLater``
+makes them fail or soft-fail; only what has no shared answer gets ``tryLater``.
+Answers from the cache, and filling it for an issued certificate (at most one
+signature per certificate per cache interval), are never limited. The buckets
+live in this process's memory: they bound signatures per ``serve`` process,
+not per home.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ import datetime as _dt
 import hashlib
 import ipaddress
 import time
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -48,6 +52,7 @@ if TYPE_CHECKING:
 
 MAX_NONCE = 128
 MAX_REQUEST = 16 * 1024
+MAX_CACHED = 100_000  # cached answers (issued certificates asked for within one cache interval)
 _HASHES: dict[str, type[hashes.HashAlgorithm]] = {
     "sha1": hashes.SHA1, "sha256": hashes.SHA256, "sha384": hashes.SHA384, "sha512": hashes.SHA512,
 }
@@ -77,25 +82,60 @@ class OcspAnswer:
 
 
 class TokenBuckets:
-    """A token bucket per client address: ``rate`` tokens per second, at most ``burst``.
+    """Token buckets for fresh OCSP signatures: one per client address, and one for all.
 
-    IPv6 addresses are counted by their /64 (one host usually has a whole /64).
-    Memory is bounded: past ``max_clients`` addresses, the buckets that have
-    refilled (a client that stopped asking) are dropped, since a new bucket is
-    exactly a full one; if all are in use, all are dropped, which can only
-    grant more tokens, never fewer, for one refill period.
+    Each client (an IPv4 address, an IPv6 /56) gets ``rate`` tokens per second
+    up to ``burst``; with ``global_burst`` set, every token also comes out of one
+    shared bucket (``global_rate`` per second up to ``global_burst``), so the
+    signatures, and the audit rows they write, grow at a bounded rate however
+    many addresses ask. A request needs a token from both; a refused request
+    spends neither.
+
+    Memory is bounded by ``max_clients`` buckets, kept in least-recently-used
+    order. Dropping a bucket must never give its client tokens back, or a flood
+    of new addresses would refill a victim (clearing them all did exactly that).
+    So every client without a bucket is treated as being in one shared *absent*
+    state: a lower bound on what any such client would hold had its bucket been
+    kept. A never-seen client holds a full bucket, so the bound starts full; an
+    evicted bucket lowers it to at most its own level, and both refill at the
+    same rate, so the bound stays below every evicted client's real level, and
+    a new bucket starts from it. The least-recently-used bucket is the one
+    evicted (even a refused request touches its bucket), so a client that keeps
+    asking loses its bucket only after ``max_clients`` other addresses asked since
+    its last request, and even then stays limited through the bound; in the
+    common case the evicted bucket has refilled and the bound is unchanged. Only
+    a flood of more than ``max_clients`` addresses within one refill period
+    lowers it, and then new clients start with fewer tokens, which is the limit
+    doing its work (they still get the cached answer without a nonce).
     """
 
-    def __init__(self, rate: float, burst: int, *, max_clients: int = 65_536,
+    def __init__(self, rate: float, burst: int, *, global_rate: float = 0.0,
+                 global_burst: int | None = None, max_clients: int = 65_536,
                  clock: Any = time.monotonic) -> None:
+        if max_clients < 1:
+            raise ValueError("max_clients must be at least 1")
         self.rate = rate
         self.burst = burst
+        self.global_rate = global_rate
+        self.global_burst = global_burst
         self.max_clients = max_clients
         self.clock = clock
-        self._buckets: dict[str, tuple[float, float]] = {}  # key -> (tokens, at)
+        now = clock()
+        # key -> (tokens, at), least recently used first
+        self._buckets: OrderedDict[str, tuple[float, float]] = OrderedDict()
+        self._absent = (float(burst), now)  # the bound for every client without a bucket
+        self._global = (float(global_burst or 0), now)
 
     @staticmethod
     def key(client: str) -> str:
+        """The unit rationed: an IPv4 address, or an IPv6 /56.
+
+        One IPv6 host usually holds a whole /64, and one subscriber a /56 (RIPE-690's
+        recommendation for end sites; many ISPs delegate exactly that), so counting
+        /64s would give one subscriber 256 rations. A /48 would lump together the
+        customers of an ISP that hands out /56s; the global bucket bounds what a
+        holder of a /48 can do.
+        """
         try:
             address = ipaddress.ip_address(client)
         except ValueError:
@@ -103,30 +143,38 @@ class TokenBuckets:
         if isinstance(address, ipaddress.IPv6Address):
             if address.ipv4_mapped is not None:
                 return str(address.ipv4_mapped)
-            return str(ipaddress.IPv6Network((address, 64), strict=False))
+            return str(ipaddress.IPv6Network((address, 56), strict=False))
         return str(address)
 
+    @staticmethod
+    def _level(bucket: tuple[float, float], now: float, rate: float, burst: float) -> float:
+        tokens, at = bucket
+        return min(float(burst), tokens + max(0.0, now - at) * rate)
+
     def take(self, client: str) -> bool:
-        """Spend one token of ``client``'s bucket; False when it is empty."""
+        """Spend one token of ``client``'s bucket (and of the global one); False if either is empty."""
         now = self.clock()
         key = self.key(client)
-        tokens, at = self._buckets.get(key, (float(self.burst), now))
-        tokens = min(float(self.burst), tokens + (now - at) * self.rate)
-        if tokens < 1:
-            self._buckets[key] = (tokens, now)
-            return False
-        if key not in self._buckets and len(self._buckets) >= self.max_clients:
-            self._prune(now)
-        self._buckets[key] = (tokens - 1, now)
-        return True
+        bucket = self._buckets.get(key)
+        tokens = self._level(bucket or self._absent, now, self.rate, self.burst)
+        shared = (self._level(self._global, now, self.global_rate, self.global_burst)
+                  if self.global_burst is not None else float("inf"))
+        granted = tokens >= 1 and shared >= 1
+        if bucket is not None or granted:
+            if bucket is None:
+                while len(self._buckets) >= self.max_clients:
+                    self._evict(now)
+            # a refused client without a bucket needs none: the absent bound already holds it
+            self._buckets[key] = (tokens - 1 if granted else tokens, now)
+            self._buckets.move_to_end(key)
+        if self.global_burst is not None:
+            self._global = (shared - 1 if granted else shared, now)
+        return granted
 
-    def _prune(self, now: float) -> None:
-        full = [k for k, (tokens, at) in self._buckets.items()
-                if tokens + (now - at) * self.rate >= self.burst]
-        for k in full:
-            del self._buckets[k]
-        if len(self._buckets) >= self.max_clients:
-            self._buckets.clear()
+    def _evict(self, now: float) -> None:
+        _key, bucket = self._buckets.popitem(last=False)  # the least recently used
+        self._absent = (min(self._level(bucket, now, self.rate, self.burst),
+                            self._level(self._absent, now, self.rate, self.burst)), now)
 
 
 @dataclass
@@ -150,18 +198,24 @@ class OcspResponder:
         validity: _dt.timedelta = _dt.timedelta(hours=24),
         nonces: str | None = None,
         limiter: TokenBuckets | None = None,
+        max_cached: int = MAX_CACHED,
     ) -> None:
         config = authority.config
         self.authority = authority
         self.cache_seconds = config.ocsp_cache_seconds if cache_seconds is None else cache_seconds
         self.nonces = config.ocsp_nonces if nonces is None else nonces
-        self.limiter = limiter or TokenBuckets(config.ocsp_nonce_rate, config.ocsp_nonce_burst)
+        self.limiter = limiter or TokenBuckets(
+            config.ocsp_nonce_rate, config.ocsp_nonce_burst,
+            global_rate=config.ocsp_nonce_global_rate,
+            global_burst=config.ocsp_nonce_global_burst)
         self.limited = 0  # requests answered without a fresh signature because of the limit
         self.validity = validity
         self._ids: dict[tuple[str, bytes, bytes], str] = {}
         self._ca_count: Any = None
         self._signers: dict[str, _Signer] = {}
-        self._cache: dict[tuple[str, int], tuple[float, OcspAnswer]] = {}
+        # (CA, serial) -> (expires, answer) for issued certificates only, in expiry order
+        self._cache: OrderedDict[tuple[str, int], tuple[float, OcspAnswer]] = OrderedDict()
+        self.max_cached = max_cached
         self._epoch = -1
         self.signatures = 0
 
@@ -261,8 +315,33 @@ class OcspResponder:
     def _may_sign(self, client: str | None) -> bool:
         return client is None or self.limiter.take(client)
 
+    def _cached(self, key: tuple[str, int], now_mono: float) -> OcspAnswer | None:
+        hit = self._cache.get(key)
+        return hit[1] if hit is not None and hit[0] > now_mono else None
+
+    def _has_room(self, key: tuple[str, int], now_mono: float) -> bool:
+        """Whether an answer for ``key`` can be cached now (expired answers are dropped first)."""
+        while self._cache:
+            oldest = next(iter(self._cache))
+            if self._cache[oldest][0] > now_mono:
+                break
+            del self._cache[oldest]
+        return key in self._cache or len(self._cache) < self.max_cached
+
     def _answer(self, req: ocsp.OCSPRequest, ca_name: str, nonce: bytes | None,
                 client: str | None = None) -> OcspAnswer:
+        """The answer; a signature that the cache will not share is rationed.
+
+        Unlimited are only the answers the cache absorbs: a cache hit, and the one
+        signature per issued certificate per cache interval that fills it. A nonce,
+        a serial this CA never issued (its answer is not cached, so such serials can
+        neither push issued certificates' answers out nor be asked for without
+        bound), and a fill that finds the cache full of unexpired answers (the cache
+        is never cleared to make room: clearing it let anyone who fills it have
+        every certificate signed afresh) each take one token. Over the limit, a
+        nonce request gets the shared answer without its nonce when there is one,
+        and anything else ``tryLater``; either way it is counted once.
+        """
         store = self.authority.store
         epoch = store.revocation_epoch()
         if epoch != self._epoch:  # something was revoked: cached answers and signers may be stale
@@ -271,21 +350,19 @@ class OcspResponder:
             self._epoch = epoch
         key = (ca_name, req.serial_number)
         now_mono = time.monotonic()
-        if nonce is not None and not self._may_sign(client):
-            nonce = None  # over the limit: the shared answer, without the nonce
-            self.limited += 1
-        if nonce is None and self.cache_seconds:
-            hit = self._cache.get(key)
-            if hit is not None and hit[0] > now_mono:
-                return hit[1]
+        if nonce is None and self.cache_seconds and (hit := self._cached(key, now_mono)):
+            return hit
         serial = format_serial(req.serial_number)
         status_row = store.status_of(ca_name, serial)
-        # filling the cache for an issued certificate is bounded by the certificates;
-        # anything else (a never-issued serial, or no cache) is one signature per request
-        if nonce is None and (status_row is None or not self.cache_seconds) \
-                and not self._may_sign(client):
+        shareable = status_row is not None and bool(self.cache_seconds)
+        cacheable = shareable and self._has_room(key, now_mono)
+        if (nonce is not None or not cacheable) and not self._may_sign(client):
             self.limited += 1
-            return OcspAnswer(TRY_LATER, status="tryLater")
+            if nonce is None or not cacheable:
+                return OcspAnswer(TRY_LATER, status="tryLater")
+            nonce = None  # over the limit: the shared answer, without the nonce
+            if hit := self._cached(key, now_mono):
+                return hit
         now = _dt.datetime.now(_dt.UTC).replace(microsecond=0)
         next_update = now + self.validity
         revocation_time = None
@@ -322,9 +399,8 @@ class OcspResponder:
         )
         self.authority.maybe_checkpoint()
         answer = OcspAnswer(der, nonce is None, now, next_update, label)
-        if nonce is None and self.cache_seconds:
-            if len(self._cache) > 100_000:
-                self._cache.clear()
+        if nonce is None and shareable and self._has_room(key, now_mono):
+            self._cache.pop(key, None)  # re-inserted at the end: the order stays expiry order
             self._cache[key] = (now_mono + self.cache_seconds, answer)
         return answer
 

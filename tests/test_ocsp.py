@@ -175,3 +175,48 @@ def test_fuzzed_requests_always_get_an_ocsp_response(
     for candidate in (data, bytes(mutated)):
         answer = r.respond(candidate)
         ocsp.load_der_ocsp_response(answer.der)  # always a parseable OCSP response
+
+
+def test_a_never_issued_serial_is_never_cached(responder: tuple[OcspResponder, Cli]) -> None:
+    """Its answer costs a rationed signature each time; caching it let anyone fill the cache."""
+    r, cli = responder
+    req = _by_serial(int.from_bytes(os.urandom(12)) | 1, _issuer(cli))
+    for _ in range(3):
+        resp = ocsp.load_der_ocsp_response(r.respond(req).der)
+        assert resp.certificate_status == ocsp.OCSPCertStatus.UNKNOWN
+    assert r.signatures == 3 and not r._cache
+
+
+def test_never_issued_serials_cannot_push_issued_answers_out(pki: Cli) -> None:
+    """The cache was cleared at 100,000 entries: fill it with never-issued serials (one token
+    each, from many addresses) and every issued certificate was signed afresh, unrationed."""
+    from hsm_ca.ocsp import TokenBuckets
+
+    auth = Authority(load_config(pki.home), pin=lambda: USER_PIN)
+    try:
+        issuer = _issuer(pki)
+        certs = [_issue(pki, f"kept{i}") for i in range(4)]
+        r = OcspResponder(auth, cache_seconds=300, max_cached=3,
+                          limiter=TokenBuckets(0.0, 1))  # one signature per address, ever
+        first = r.respond(_request(certs[0], issuer), client="192.0.2.1")
+        for i in range(10):  # ten addresses, one never-issued serial each: more than the cache
+            answer = r.respond(_by_serial(int.from_bytes(os.urandom(12)) | 1, issuer),
+                               client=f"198.51.100.{i}")
+            assert ocsp.load_der_ocsp_response(answer.der).certificate_status == \
+                ocsp.OCSPCertStatus.UNKNOWN
+        signed = r.signatures
+        assert r.respond(_request(certs[0], issuer), client="192.0.2.1").der == first.der
+        assert r.signatures == signed  # still the cached answer
+
+        # a cache full of issued answers is not cleared for room: a fill beyond it is rationed
+        r = OcspResponder(auth, cache_seconds=300, max_cached=3, limiter=TokenBuckets(0.0, 0))
+        answers = [r.respond(_request(c, issuer), client="192.0.2.9") for c in certs[:3]]
+        assert r.signatures == 3  # filling the cache needs no token
+        over = ocsp.load_der_ocsp_response(r.respond(_request(certs[3], issuer),
+                                                     client="192.0.2.9").der)
+        assert over.response_status == ocsp.OCSPResponseStatus.TRY_LATER and r.signatures == 3
+        for cert, answer in zip(certs[:3], answers, strict=True):
+            assert r.respond(_request(cert, issuer), client="192.0.2.9").der == answer.der
+        assert r.signatures == 3 and r.limited == 1
+    finally:
+        auth.close()

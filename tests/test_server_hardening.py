@@ -550,11 +550,66 @@ def test_honor_rations_nonce_signatures_per_client_address(home: Home) -> None:
         assert health["status"] == "ok" and health["ocsp_rationed"] >= len(runs) - echoed + 8
 
 
+def test_a_global_ration_bounds_nonce_signatures_from_many_addresses(home: Home) -> None:
+    """20 addresses, each within its own ration: together they get the global burst, no more."""
+    home.configure("ocsp_nonce_rate = 0.001\nocsp_nonce_burst = 3\n"
+                   "ocsp_nonce_global_rate = 0.001\nocsp_nonce_global_burst = 6\n")
+    leaf, issuing = home.cert(home.good), home.cert(home.issuing)
+    with Server(home) as srv:
+        shared = srv.ocsp(ocsp_request(leaf, issuing))  # the cached answer (free)
+        rows = home.ocsp_rows()
+        echoed = 0
+        for i in range(2, 22):
+            for _ in range(2):
+                nonce = os.urandom(16)
+                resp = srv.ocsp(ocsp_request(leaf, issuing, nonce=nonce), source=f"127.0.0.{i}")
+                assert resp.certificate_status == ocsp.OCSPCertStatus.GOOD
+                check_ocsp_signature(resp, issuing)
+                if nonce_of(resp) == nonce:
+                    echoed += 1
+                else:  # over the global ration: the shared answer, still valid
+                    assert resp.tbs_response_bytes == shared.tbs_response_bytes
+        assert echoed == 6 and home.ocsp_rows() - rows == 6, (echoed, home.ocsp_rows() - rows)
+        # what a client sees from an address that never asked: a verified answer, no nonce
+        r = _openssl_ocsp(home, srv, "-cert", str(home.good))
+        out = r.stdout + r.stderr
+        assert r.returncode == 0 and "Response verify OK" in out, out
+        assert "no nonce in response" in out and ocsp_line(r.stdout, str(home.good)) == "good"
+        assert home.ocsp_rows() - rows == 6
+
+
+def test_a_rationed_never_issued_serial_is_refused_and_counted_once(home: Home) -> None:
+    home.configure("ocsp_nonce_rate = 0.001\nocsp_nonce_burst = 2\n")
+    leaf, issuing = home.cert(home.good), home.cert(home.issuing)
+    with Server(home) as srv:
+        for _ in range(2):  # the ration spent on echoed nonces
+            nonce = os.urandom(16)
+            assert nonce_of(srv.ocsp(ocsp_request(leaf, issuing, nonce=nonce))) == nonce
+
+        def rationed() -> int:
+            return int(json.loads(srv.request("GET", "/health").body)["ocsp_rationed"])  # type: ignore[attr-defined]
+
+        before, rows = rationed(), home.ocsp_rows()
+        for _ in range(5):
+            never = ocsp_request(None, issuing, serial=int.from_bytes(os.urandom(12)) | 1,
+                                 nonce=os.urandom(16))
+            assert srv.ocsp(never).response_status == ocsp.OCSPResponseStatus.TRY_LATER
+        assert rationed() - before == 5 and home.ocsp_rows() == rows
+        # the openssl client's view of the same: the responder says try later
+        r = _openssl_ocsp(home, srv, "-serial", "0x" + os.urandom(12).hex())
+        assert "trylater" in (r.stdout + r.stderr).lower(), r.stdout + r.stderr
+        assert rationed() - before == 6 and home.ocsp_rows() == rows
+
+
 @pytest.mark.parametrize("setting, message", [
     ('ocsp_nonces = "sometimes"', "'ocsp_nonces' must be 'honor' or 'ignore'"),
     ("ocsp_nonce_rate = -1", "'ocsp_nonce_rate' must be a number"),
     ("ocsp_nonce_burst = 1.5", "'ocsp_nonce_burst' must be an integer"),
     ("ocsp_nonce_burst = true", "'ocsp_nonce_burst' must be an integer"),
+    ("ocsp_nonce_global_rate = -0.5", "'ocsp_nonce_global_rate' must be a number"),
+    ('ocsp_nonce_global_rate = "fast"', "'ocsp_nonce_global_rate' must be a number"),
+    ("ocsp_nonce_global_burst = 2.5", "'ocsp_nonce_global_burst' must be an integer"),
+    ("ocsp_nonce_global_burst = 10000000", "'ocsp_nonce_global_burst' must be an integer"),
 ])
 def test_bad_nonce_settings_name_file_and_field(home: Home, setting: str, message: str) -> None:
     home.configure(setting + "\n")
@@ -566,21 +621,78 @@ def test_bad_nonce_settings_name_file_and_field(home: Home, setting: str, messag
     assert "hsm-ca.toml" in r.stderr and message in r.stderr, r.stderr
 
 
-def test_token_buckets_key_ipv6_by_64_and_stay_bounded() -> None:
+def test_token_buckets_key_ipv6_by_56_and_ipv4_by_address() -> None:
     from hsm_ca.ocsp import TokenBuckets
 
     now = [0.0]
     b = TokenBuckets(1.0, 2, max_clients=100, clock=lambda: now[0])
-    assert b.take("2001:db8::1") and b.take("2001:db8::ffff:1")  # one /64
-    assert not b.take("2001:db8:0:0:1::9")
-    assert b.take("2001:db8:0:1::1")  # the next /64
+    # one /56: a subscriber's 256 /64s share one ration
+    assert b.take("2001:db8:0:1::1") and b.take("2001:db8:0:ff:ffff::9")
+    assert not b.take("2001:db8::ffff:1")
+    assert b.take("2001:db8:0:100::1")  # the next /56
+    assert TokenBuckets.key("2001:db8:0:ab::1") == "2001:db8::/56"
     assert b.take("::ffff:192.0.2.1") and b.take("192.0.2.1") and not b.take("192.0.2.1")
+    assert b.take("192.0.2.2")  # IPv4: each address its own
     now[0] = 1.0
     assert b.take("192.0.2.1") and not b.take("192.0.2.1")  # one token a second
-    for i in range(1000):
-        b.take(f"10.0.{i // 256}.{i % 256}")
-    assert len(b._buckets) <= 100
 
+
+def test_an_exhausted_client_stays_limited_when_a_flood_of_addresses_evicts_it() -> None:
+    """The review's repro: victim limited, 1,001 addresses, victim's next take() was True."""
+    from hsm_ca.ocsp import TokenBuckets
+
+    now = [0.0]
+    b = TokenBuckets(1.0, 5, max_clients=1000, clock=lambda: now[0])
+    while b.take("2001:db8:aa::1"):
+        pass
+    for i in range(3000):  # three times the cap: every bucket, the victim's included, evicted
+        b.take(f"10.{i // 65536}.{i // 256 % 256}.{i % 256}")
+        assert len(b._buckets) <= 1000
+    assert "2001:db8:aa::/56" not in b._buckets  # it was evicted, and still:
+    assert not b.take("2001:db8:aa::1")
+    now[0] = 1.0  # and it refills at the rate, no faster
+    assert b.take("2001:db8:aa::1") and not b.take("2001:db8:aa::1")
+
+
+def test_a_limited_client_keeps_its_bucket_and_quiet_ones_make_room() -> None:
+    from hsm_ca.ocsp import TokenBuckets
+
+    now = [0.0]
+    b = TokenBuckets(1.0, 3, max_clients=10, clock=lambda: now[0])
+    for i in range(10):
+        assert b.take(f"192.0.2.{i}")
+    victim = "198.51.100.7"
+    for i in range(50):  # one newcomer a second: each evicts a bucket that has refilled
+        now[0] += 1.0
+        while b.take(victim):
+            pass
+        assert b.take(f"203.0.113.{i}") and b.take(f"203.0.113.{i}") and \
+            b.take(f"203.0.113.{i}"), i  # newcomers start full: nothing was given away
+        assert victim in b._buckets and len(b._buckets) == 10, i  # asking: never evicted
+        assert not b.take(victim)
+
+
+def test_zero_burst_signs_nothing_and_stores_nothing() -> None:
+    from hsm_ca.ocsp import TokenBuckets
+
+    b = TokenBuckets(5.0, 0, max_clients=10)
+    assert not any(b.take(f"10.0.{i // 256}.{i % 256}") for i in range(1000))
+    assert len(b._buckets) <= 10
+
+
+def test_the_global_bucket_bounds_all_addresses_together() -> None:
+    from hsm_ca.ocsp import TokenBuckets
+
+    now = [0.0]
+    b = TokenBuckets(1.0, 2, global_rate=3.0, global_burst=10, clock=lambda: now[0])
+    granted = sum(b.take(f"10.0.0.{i}") for i in range(100))
+    assert granted == 10
+    now[0] = 2.0
+    granted = sum(b.take(f"10.0.1.{i}") for i in range(100))
+    assert granted == 6  # 3 a second
+    now[0] = 2.5  # 1.5 global tokens; a client refused only by the global bucket at t=0
+    assert b.take("10.0.0.50") and b._buckets["10.0.0.50"][0] == 1  # was not charged for it
+    assert not b.take("10.0.0.51")  # the global bucket is empty again
 
 
 def test_config_rewrite_keeps_server_and_nonce_settings(home: Home) -> None:
@@ -588,10 +700,12 @@ def test_config_rewrite_keeps_server_and_nonce_settings(home: Home) -> None:
     from hsm_ca.config import load_config, write_config
 
     home.configure('ocsp_nonces = "ignore"\nocsp_nonce_rate = 0.25\nocsp_nonce_burst = 7\n'
+                   "ocsp_nonce_global_rate = 3.5\nocsp_nonce_global_burst = 70\n"
                    "[server]\nidle_timeout = 2.5\nread_timeout = 4\nmax_connections = 99\n")
     try:
         cfg = load_config(home.path)
         assert (cfg.ocsp_nonces, cfg.ocsp_nonce_rate, cfg.ocsp_nonce_burst) == ("ignore", 0.25, 7)
+        assert (cfg.ocsp_nonce_global_rate, cfg.ocsp_nonce_global_burst) == (3.5, 70)
         assert (cfg.server.idle_timeout, cfg.server.read_timeout, cfg.server.write_timeout,
                 cfg.server.max_connections) == (2.5, 4.0, 30.0, 99)
         write_config(cfg)

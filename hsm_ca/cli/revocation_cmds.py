@@ -95,7 +95,8 @@ def serve(host: str, port: int, log_level: str, pin_file: str | None) -> None:
 
     Timeouts and the connection cap are read from [server] in hsm-ca.toml
     (idle_timeout, read_timeout, write_timeout in seconds, max_connections);
-    OCSP nonces from ocsp_nonces, ocsp_nonce_rate and ocsp_nonce_burst.
+    OCSP nonces from ocsp_nonces, ocsp_nonce_rate and ocsp_nonce_burst (per
+    client), ocsp_nonce_global_rate and ocsp_nonce_global_burst (all clients).
     """
     from hsm_ca.server import serve as run
 
