@@ -342,7 +342,7 @@ class ConnectionGuard:
 UVICORN_FLOOR = "0.45.0"
 _HOOKS = ("connection_made", "connection_lost", "data_received", "on_message_begin",
           "on_headers_complete", "on_message_complete", "on_response_complete",
-          "pause_writing", "resume_writing", "_start_asgi_task")
+          "pause_writing", "resume_writing", "_start_asgi_task", "_unset_keepalive_if_required")
 
 
 def require_uvicorn() -> None:
@@ -390,6 +390,7 @@ def guarded_protocol(guard: ConnectionGuard) -> type:
             self._write_deadline: TimerHandle | None = None
             self._header_bytes = 0  # request line and headers of the current request so far
             self._in_head = False  # a request has begun and its headers are not complete
+            self._reading = False  # a request has begun and its body is not complete
             self._completions = 0  # headers or messages completed by the current read
             self._running: Any = None  # the request being answered (pipelines queue the rest)
 
@@ -468,7 +469,7 @@ def guarded_protocol(guard: ConnectionGuard) -> type:
         def on_message_begin(self) -> None:
             super().on_message_begin()
             self.since = time.monotonic()
-            self._in_head = True
+            self._in_head = self._reading = True
             self._header_bytes = 0
             self._arm(limits.read_timeout, self._close_reading)
 
@@ -480,6 +481,7 @@ def guarded_protocol(guard: ConnectionGuard) -> type:
         def on_message_complete(self) -> None:
             super().on_message_complete()
             self._completions += 1
+            self._reading = False
             if self.cycle is not None and self.cycle.response_complete:
                 self._idle()  # answered before the body was in (413): nothing is handled now
             else:
@@ -487,9 +489,25 @@ def guarded_protocol(guard: ConnectionGuard) -> type:
                 self.busy = True
 
         def on_response_complete(self) -> None:
+            """One answer is out; the phase is now that of the next request, if any.
+
+            super() starts the next pipelined request, whose answer may take a while
+            to write (or whose body may still be coming): it must not be timed out as
+            idle, nor (once complete) evicted at the cap. A request that has begun but
+            is not complete keeps the read deadline armed at its first byte, unless it
+            is the one just answered (413 before its body was in): then it is idle.
+            """
             super().on_response_complete()
+            # uvicorn arms its keep-alive timer whenever no request is queued, even over a
+            # request that has begun arriving; the idle deadline here replaces it
+            self._unset_keepalive_if_required()
+            running = self._running
+            if running is not None and not running.response_complete and not running.more_body:
+                return  # the next request is complete and with the application: still busy
             self.busy = False
-            if not self.transport.is_closing() and not self.pipeline:
+            answered_early = (running is self.cycle and running.response_complete
+                              and not self._in_head)
+            if not self.transport.is_closing() and (not self._reading or answered_early):
                 self._idle()
 
         def pause_writing(self) -> None:

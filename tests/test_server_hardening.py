@@ -23,7 +23,7 @@ import sqlite3
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -738,4 +738,81 @@ def test_a_client_that_stops_reading_is_dropped_after_the_write_timeout(home: Ho
             error = s.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
         s.close()
         assert error == errno.ECONNRESET, (os.strerror(error), sent)
+        assert srv.request("GET", "/health").status == 200
+
+
+# ======================= pipelining: deadlines follow the request being answered
+PEM_END = b"-----END CERTIFICATE-----\n"
+
+
+def _read_until(s: socket.socket, done: Callable[[bytes], bool], limit: float) -> tuple[bytes, str]:
+    """Bytes read until DONE(bytes) or LIMIT s; and how it ended (done, eof, reset, timeout)."""
+    s.settimeout(0.2)
+    got = b""
+    t0 = time.monotonic()
+    while not done(got):
+        if time.monotonic() - t0 > limit:
+            return got, "timeout"
+        try:
+            chunk = s.recv(1 << 20)
+        except TimeoutError:
+            continue
+        except ConnectionError:
+            return got, "reset"
+        if not chunk:
+            return got, "eof"
+        got += chunk
+    return got, "done"
+
+
+@pytest.mark.parametrize("cut", ["in its body", "in its headers"])
+def test_a_pipelined_request_is_not_cut_off_by_the_idle_timeout(home: Home, cut: str) -> None:
+    """A request pipelined behind another, its rest sent 1 s later: within read_timeout (5 s)
+    but past idle_timeout (0.2 s). Answering the first one armed the idle timer over it."""
+    home.configure("[server]\nidle_timeout = 0.2\nread_timeout = 5\n")
+    leaf, issuing = home.cert(home.good), home.cert(home.issuing)
+    with Server(home) as srv:
+        nonce = os.urandom(16)
+        body = ocsp_request(leaf, issuing, nonce=nonce)
+        second = (b"POST /ocsp/issuing HTTP/1.1\r\nHost: t\r\n"
+                  b"Content-Type: application/ocsp-request\r\n"
+                  b"Content-Length: %d\r\n\r\n" % len(body) + body)
+        at = len(second) - len(body) + 10 if cut == "in its body" else 30
+        s = connect(srv.port, b"GET /health HTTP/1.1\r\nHost: t\r\n\r\n" + second[:at])
+        first, how = _read_until(s, lambda b: b.endswith(b"}"), 5)  # /health: answered
+        assert first.startswith(b"HTTP/1.1 200 "), (how, first)
+        time.sleep(1.0)
+        try:
+            s.sendall(second[at:])
+        except OSError as e:
+            pytest.fail(f"closed while its request was being read: {e}")
+        got, how = _read_until(s, lambda b: b"\r\n\r\n" in b and len(b) > b.index(
+            b"\r\n\r\n") + 4 + int(re.search(rb"content-length: (\d+)", b)[1]) - 1, 5)  # type: ignore[index]
+        s.close()
+        assert got.startswith(b"HTTP/1.1 200 "), (how, got[:200])
+        resp = ocsp.load_der_ocsp_response(got[got.index(b"\r\n\r\n") + 4:])
+        assert resp.certificate_status == ocsp.OCSPCertStatus.GOOD and nonce_of(resp) == nonce
+
+
+def test_a_connection_whose_pipelined_answers_are_being_written_is_kept(home: Home) -> None:
+    """Pipelined requests whose answers the client reads late (after idle_timeout, before
+    write_timeout): while they are being written the connection is neither timed out as
+    idle nor evicted at the cap by newcomers; every answer arrives."""
+    home.configure("[server]\nidle_timeout = 0.2\nread_timeout = 30\nwrite_timeout = 30\n"
+                   "max_connections = 8\n")
+    n = 8000  # about 6 MB of answers: more than the kernel buffers (up to 4 MB) hold
+    with Server(home) as srv, ThreadPoolExecutor(1) as pool:
+        s = socket.socket()
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        s.connect(("127.0.0.1", srv.port))
+        sent = pool.submit(s.sendall, b"GET /ca/root.pem HTTP/1.1\r\nHost: t\r\n\r\n" * n)
+        time.sleep(1.0)  # the server fills the buffers, then waits for the client to read
+        newcomers = [connect(srv.port) for _ in range(20)]  # past the cap of 8
+        time.sleep(0.5)
+        got, how = _read_until(s, lambda b: b.count(PEM_END) == n, 30)
+        for c in newcomers:
+            c.close()
+        s.close()
+        assert got.count(PEM_END) == n, (how, got.count(PEM_END))
+        assert sent.exception() is None
         assert srv.request("GET", "/health").status == 200
