@@ -119,15 +119,14 @@ def start_from_argv(argv: list[str], environ: dict[str, str]) -> None:
     subcommands = _KEY_COMMANDS[words[0]]
     if subcommands is not None and (len(words) < 2 or words[1] not in subcommands):
         return
-    import tomllib
-
+    from hsm_ca.config import read_toml
     from hsm_ca.errors import HsmCaError
-    from hsm_ca.fileio import CONFIG_BYTES, read_text_file
 
-    try:  # bounded, never a FIFO; anything odd (deep nesting, huge numbers) is left to the CLI
-        text = read_text_file(Path(home).expanduser() / "hsm-ca.toml", CONFIG_BYTES)
-        config = tomllib.loads(text)
-    except (HsmCaError, ValueError, RecursionError):
+    # the CLI's own reader: bounded, never a FIFO, and linear in the file (tomllib alone takes
+    # hours on a long dotted key); anything odd is left to the CLI to report
+    try:
+        config, _text = read_toml(Path(home).expanduser() / "hsm-ca.toml")
+    except HsmCaError:
         return
     if config.get("engine", "soft") != "soft":
         return

@@ -477,3 +477,161 @@ def test_backup_refuses_a_fifo_among_the_home_profiles(pki: Path) -> None:
         assert not (pki / "b.backup").exists()
     finally:
         fifo.unlink()
+
+
+# ------------------------------------------- issue 13 review, Medium 3: TOML in linear time
+def _toml_fill(prefix: str, unit: str, suffix: str = "") -> str:
+    """``prefix`` + as many ``unit`` as fit + ``suffix``: a file of the largest size read."""
+    from hsm_ca.fileio import CONFIG_BYTES
+
+    room = CONFIG_BYTES - len(prefix.encode()) - len(suffix.encode())
+    return prefix + unit * (room // len(unit.encode())) + suffix
+
+
+def _toml_lines(make_line: object, room: int = 1 << 20) -> str:
+    lines, size, i = [], 0, 0
+    while size + len(line := make_line(i)) <= room:  # type: ignore[operator]
+        lines.append(line)
+        size, i = size + len(line), i + 1
+    return "".join(lines)
+
+
+# Each is 1 MiB (the limit read), hostile to the old pre-scan regex (an unclosed quote rescanned
+# the rest of the text: quadratic), to its huge-number fallback, or to tomllib itself (which
+# rebuilds a dotted key for each of its parts: quadratic in a key's length).
+_HOSTILE_TOML = {
+    "unclosed-string-of-escapes": _toml_fill('a = "', '\\"'),
+    "unclosed-multiline-escaped-quotes": _toml_fill('a = """', '\\"""\n'),
+    "unclosed-multiline-backslash-at-end": _toml_fill('a = """', '\\"""\n', "\\"),
+    "unclosed-multiline-literal": _toml_fill("a = '''", "''x\n"),
+    "unclosed-strings-each-line": _toml_fill("", 'a = "\\"\\"\\"\n'),
+    "many-open-brackets": _toml_fill("", "[["),
+    "many-open-braces": _toml_fill("a = ", "{"),
+    "deep-inline-tables": _toml_fill("a = ", "{b="),
+    "deep-arrays-closed": "a = " + "[" * 524_000 + "]" * 524_000,
+    "long-multiline-string": _toml_fill('a = """', "x", '"""\n'),
+    "long-multiline-escapes": _toml_fill('a = """', "\\n\\\n", '"""\n'),
+    "long-string-unicode-escapes": _toml_fill('a = "', "\\u00e9", '"\n'),
+    "huge-integer": _toml_fill("a = ", "9"),
+    "huge-hex": _toml_fill("a = 0x", "f"),
+    "huge-float": _toml_fill("a = 1.", "9"),
+    "digit-runs-then-a-huge-number": _toml_lines(
+        lambda i: f"k{i} = {'9' * 3999}\n", (1 << 20) - 6000) + "z = " + "9" * 5000 + "\n",
+    "long-dotted-key": _toml_fill("", "a.", "a = 1\n"),
+    "long-dotted-key-spaced": _toml_fill("", "a . ", "a = 1\n"),
+    "long-dotted-header": _toml_fill("[", "a.", "a]\n"),
+    "long-header-then-many-keys": "[" + "a." * 100_000 + "a]\n" + "b=1\n" * 150_000,
+    "long-dotted-key-in-inline-table": _toml_fill("a = {", "b.", "c = 1}\n"),
+    "quoted-dotted-key": _toml_fill("", '"a".', "a = 1\n"),
+    # the largest documents allowed: 16-part keys, many tables, many values
+    "many-16-part-headers": _toml_lines(lambda i: f"[k{i}." + "a." * 14 + "a]\nb=1\n"),
+    "many-16-part-keys": _toml_lines(lambda i: f"k{i}." + "a." * 14 + "a=1\n"),
+    "many-tables": _toml_lines(lambda i: f"[t{i}]\nb=1\n"),
+    "many-arrays-of-tables": _toml_fill("", "[[a.b]]\n"),
+    "many-empty-arrays": _toml_fill("a = [", "[],", "]\n"),
+    "many-floats": _toml_fill("a = [", "1.5,", "]\n"),
+    "many-keys": _toml_lines(lambda i: f"k{i} = 1\n"),
+    "blank-lines": _toml_fill("", "\n"),
+}
+
+
+@pytest.mark.parametrize("text", list(_HOSTILE_TOML.values()), ids=list(_HOSTILE_TOML))
+def test_hostile_toml_of_the_largest_size_is_refused_or_parsed_at_once(text: str) -> None:
+    import signal
+
+    from hsm_ca.config import parse_toml
+    from hsm_ca.errors import ConfigError
+
+    assert len(text.encode()) <= 1 << 20
+
+    def overdue(*_: object) -> None:  # the old scan took minutes to hours: fail, don't hang
+        raise TimeoutError("still parsing after 20 s")
+
+    previous = signal.signal(signal.SIGALRM, overdue)
+    signal.alarm(20)
+    start = time.monotonic()
+    try:
+        parse_toml(text, "hostile.toml")
+    except ConfigError as e:
+        assert str(e).startswith("hostile.toml"), e
+        assert len(str(e)) < 400
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+    seconds = time.monotonic() - start
+    # ~1 s on an idle core (tomllib's own pace for 1 MiB); allow for a loaded CI machine
+    assert seconds < 4, f"{seconds:.1f} s"
+
+
+@pytest.mark.parametrize(
+    "text,line",
+    [
+        ('a = 1\nb = "[[[["\n# [[[[[[[[[[[[[[[[[[[[\nc = ' + "[" * 20 + "]" * 20 + "\n", 4),
+        ("a = '''\n[[[[[[[[[[[[[[[[[[[[\n'''\n\n[t]\nx = {y = " + "{z = " * 20 + "1"
+         + "}" * 21 + "\n", 6),
+        ('x = "a.b.c.d.e.f.g.h.i.j.k.l.m.n.o.p.q.r"\n' + "k" + ".k" * 16 + " = 1\n", 2),
+        ("f = [" + "1.5, " * 40 + "]\n[" + ".".join(["t"] * 17) + "]\n", 2),
+        ('a = """\n\\"""\n"""\n' + "[" * 17 + "]" * 17 + "\n", 4),
+    ],
+    ids=["array", "inline-table", "dotted-key", "dotted-header", "after-escaped-quotes"],
+)
+def test_deep_toml_names_the_file_and_line(text: str, line: int) -> None:
+    from hsm_ca.config import parse_toml
+    from hsm_ca.errors import ConfigError
+
+    with pytest.raises(ConfigError) as e:
+        parse_toml(text, "deep.toml")
+    assert str(e.value) == f"deep.toml:{line}: nested deeper than 16 levels"
+
+
+_VALID_TOML = [
+    'a = "[{.#" # ]]]]\nb = \'\'\'\n[[[[ ".\'\'\'\n',
+    'k = """x""""\nl = """\n\\\n  y"""\n',
+    "[" + ".".join(["t"] * 15) + "]\nk = 1\n",  # 16 levels: the most allowed
+    ".".join(f'"p{i}"' for i in range(16)) + " = 1\n",
+    "f = [" + ", ".join(["1.5"] * 40) + "]\nd = [" + ", ".join(["1979-05-27T07:32:00.999Z"] * 20)
+    + "]\n" + "g" + ".g" * 15 + " = 2\n",
+    "a = " + "[" * 16 + "]" * 16 + "\n",
+]
+
+
+_SHIPPED_TOML = [*sorted((Path(__file__).parent.parent / "profiles").glob("*.toml")),
+                 Path(__file__).parent.parent / "examples" / "pki.toml"]
+
+
+@pytest.mark.parametrize(
+    "text", _VALID_TOML + [p.read_text() for p in _SHIPPED_TOML],
+    ids=[f"tricky-{i}" for i in range(len(_VALID_TOML))] + [p.name for p in _SHIPPED_TOML],
+)
+def test_the_nesting_scan_accepts_valid_toml_as_tomllib_reads_it(text: str) -> None:
+    import tomllib
+
+    from hsm_ca.config import parse_toml
+
+    assert parse_toml(text, "ok.toml") == tomllib.loads(text)
+
+
+def test_a_1mib_hostile_profile_is_refused_in_one_line_at_once(pki: Path) -> None:
+    """The real CLI on a home profile: the old scan spent about an hour on this file."""
+    try:
+        r = hsm(pki / "home", *_profile_case(pki, _toml_fill(_PROFILE + 'x = "', '\\"')),
+                timeout=60)
+        line = one_error(r)
+        assert "tls-client.toml" in line and "not valid TOML" in line, line
+        assert r.seconds < QUICK, f"took {r.seconds:.1f}s"
+    finally:
+        (pki / "home" / "profiles" / "tls-client.toml").unlink(missing_ok=True)
+
+
+def test_a_long_dotted_key_in_the_home_config_is_refused_at_once(pki: Path) -> None:
+    """'crl' reads the config early (prelogin) as well; tomllib alone took hours on this."""
+    config = pki / "home" / "hsm-ca.toml"
+    original = config.read_text()
+    config.write_text(original + "a." * (((1 << 20) - len(original) - 8) // 2) + "a = 1\n")
+    try:
+        r = hsm(pki / "home", "crl", "issuing", timeout=60)
+        line = one_error(r)
+        assert re.match(r"Error: .*hsm-ca\.toml:\d+: nested deeper than 16 levels", line), line
+        assert r.seconds < QUICK, f"took {r.seconds:.1f}s"
+    finally:
+        config.write_text(original)
