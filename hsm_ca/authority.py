@@ -503,8 +503,11 @@ class Authority:
         """
         if self._engine is None:
             self._engine = self._engine_factory(self.config)
-        current = self._generation()
+        # the trail first: what it has seen the keystore had reached before it was recorded,
+        # so a keystore read after it is never older unless rolled back (read the other way
+        # round, another process's write and record in between looked like a rollback)
         seen = int(self.store.get_meta("hsm_generation") or 0)
+        current = self._generation()
         if current is not None and current < seen:
             from hsm_ca.errors import Tampered
 

@@ -578,3 +578,91 @@ def test_a_fifo_or_huge_file_in_the_partition_is_one_tamper_error_not_a_hang(
         target.unlink()
         target.write_bytes(saved)
     soft_pki.ok("crl", "issuing")
+
+
+# ------------------------------------ the attempt journal: logins without keystore writes
+def _generation(home: Path) -> int:
+    return int(json.loads((home / "hsm" / "keystore").read_bytes().split(b"\n")[0])["generation"])
+
+
+def test_successful_logins_leave_the_replicated_keystore_untouched(
+    soft_pki: Cli, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each successful login used to write the whole keystore to every node twice."""
+    cli = soft_pki
+    replica = tmp_path / "node2"
+    cli.ok("hsm", "node", "add", str(replica))
+    cli.ok("crl", "issuing")  # the first checkpoint makes the audit-signing key: a real write
+    before, copy = _generation(cli.home), (replica / "keystore").read_bytes()
+    for _ in range(10):
+        cli.ok("crl", "issuing")
+    assert _generation(cli.home) == before
+    assert (replica / "keystore").read_bytes() == copy
+    journal = cli.home / ".hsm.attempt"
+    assert journal.stat().st_size == 0 and journal.stat().st_mode & 0o777 == 0o600
+    # a failure is counted in the keystore (one generation), the next success resets it (one)
+    with monkeypatch.context() as m:
+        m.setenv("HSM_CA_PIN", "wrong-pin-1")
+        r = cli("crl", "issuing")
+    assert r.code == 1 and "4 attempts left" in r.err, r.err
+    assert _generation(cli.home) == before + 1 and user_state(cli)["failed_logins"] == 1
+    cli.ok("crl", "issuing")
+    assert _generation(cli.home) == before + 2 and user_state(cli)["failed_logins"] == 0
+    assert (replica / "keystore").read_bytes() == (cli.home / "hsm" / "keystore").read_bytes()
+    cli.ok("audit", "verify")
+
+
+def test_an_attempt_left_unsettled_counts_as_a_failure(
+    soft_pki: Cli, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A process killed between noting its attempt and settling it (mid-judge) leaves its
+    note in the journal, exactly as written here; the next login counts it first."""
+    cli = soft_pki
+    journal = cli.home / ".hsm.attempt"
+    marker = canonical_json({"user": USER}) + b"\n"
+    journal.write_bytes(marker)
+    with monkeypatch.context() as m:
+        m.setenv("HSM_CA_PIN", "wrong-pin-1")
+        r = cli("crl", "issuing")
+    assert r.code == 1 and "3 attempts left" in r.err, r.err  # the killed one, then this one
+    assert user_state(cli)["failed_logins"] == 2 and journal.read_bytes() == b""
+    # killed attempts up to the limit: the right PIN is then refused, nothing is judged
+    for _ in range(3):
+        journal.write_bytes(marker)
+        with monkeypatch.context() as m:
+            m.setenv("HSM_CA_PIN", "wrong-pin-2")
+            cli("crl", "issuing")
+    assert user_state(cli) | {"failed_logins": 5} == user_state(cli)
+    assert user_state(cli)["locked"] is True
+    r = cli("crl", "issuing")
+    assert r.code == 1 and "is locked after 5 failed logins" in r.err, r.err
+    # a note naming nobody (garbage, or a removed user) is dropped without counting
+    cli.ok("hsm", "user", "unlock", USER)
+    for junk in (b"{not json", canonical_json({"user": "nobody"}), b"\x00" * 5000):
+        journal.write_bytes(junk)
+        cli.ok("crl", "issuing")
+        assert user_state(cli)["failed_logins"] == 0 and journal.read_bytes() == b""
+    cli.ok("audit", "verify")
+
+
+@pytest.mark.parametrize("kind", ["fifo", "symlink", "deleted"])
+def test_a_journal_that_is_not_a_regular_file_is_refused_a_deleted_one_remade(
+    soft_pki: Cli, tmp_path: Path, kind: str
+) -> None:
+    journal = soft_pki.home / ".hsm.attempt"
+    victim = tmp_path / "victim"
+    victim.write_bytes(b"someone else's file\n")
+    journal.unlink(missing_ok=True)
+    if kind == "fifo":
+        os.mkfifo(journal)
+    elif kind == "symlink":
+        journal.symlink_to(victim)
+    r = subprocess.run([sys.executable, "-m", "hsm_ca", "--home", str(soft_pki.home), "crl",
+                        "issuing"], capture_output=True, text=True, env=env_with(), timeout=20)
+    if kind == "deleted":
+        assert r.returncode == 0, r.stderr
+        assert journal.is_file() and journal.stat().st_mode & 0o777 == 0o600
+        return
+    lines = r.stderr.splitlines()
+    assert r.returncode == 1 and len(lines) == 1 and "attempt journal" in lines[0], r.stderr
+    assert victim.read_bytes() == b"someone else's file\n"  # never truncated through a link

@@ -6,6 +6,9 @@ Layout of a partition directory::
     partition.key  32 random bytes keying that HMAC (0600)
     .lock          flock target serialising writers across processes
 
+Beside the lock (``HOME/.hsm.lock``, so outside ``HOME/hsm`` and every replica
+node) lives the attempt journal ``HOME/.hsm.attempt``: see :class:`_Attempts`.
+
 A random 256-bit master key (MK) encrypts every private key with AES-256-GCM,
 the key's label and attributes bound as associated data so blobs cannot be
 swapped between labels. Each user's PIN derives (scrypt, parameters stored in
@@ -70,6 +73,8 @@ DEFAULT_SCRYPT_N = 2**14
 MIN_SCRYPT_N = 2**10
 KEYSTORE = "keystore"
 PARTITION_KEY = "partition.key"
+ATTEMPT_SUFFIX = ".attempt"
+_ATTEMPT_BYTES = 4096  # one marker: {"user": <name of at most 64 characters>}
 
 
 def _b64(data: bytes) -> str:
@@ -110,6 +115,68 @@ def _read_small(path: Path, limit: int, what: str) -> bytes:
 def write_private_file(path: Path, data: bytes) -> None:
     """Write ``data`` to ``path`` atomically and durably, mode 0600 from birth."""
     atomic_write(path, data, 0o600)
+
+
+class _Attempts:
+    """The attempt journal: a login attempt in progress, outside the replicated keystore.
+
+    Used only under the keystore lock. Before a PIN is judged, a marker
+    naming the user is written and synced here; a success clears it and
+    writes nothing else (the keystore, its generation and its replicas are
+    untouched unless a failure count has to be reset); a failure is counted
+    in the keystore (authenticated, on every node) and then cleared. A
+    marker still present at the next login under the lock is an attempt
+    whose process died between marking and settling - mid-judge, or
+    writing its failure - and is counted as a failure first. So a killed
+    attempt is spent, as when the attempt was reserved in the keystore
+    itself, at one write of a small local file instead of two writes of the
+    whole keystore to every node per login.
+
+    Crashes err on the side of counting: a success or a counted failure
+    killed before the marker is cleared counts one failure more. Deleting
+    the journal forgets only an attempt whose process was killed mid-way;
+    whoever can do that can write the home, and could as well put back an
+    older keystore copy (README: write access to the home can reset counters).
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        flags = os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+        try:
+            self._fd = os.open(path, flags, 0o600)
+        except OSError as e:
+            raise EngineError(f"cannot open the HSM attempt journal {show_path(path)}: "
+                              f"{e.strerror or e}") from None
+        if not stat.S_ISREG(os.fstat(self._fd).st_mode):
+            os.close(self._fd)
+            raise Tampered(f"the HSM attempt journal {show_path(path)} has been tampered with: "
+                           "not a regular file")
+
+    def pending(self) -> str | None:
+        """The user whose attempt was left unsettled, if any (garbage names nobody)."""
+        raw = os.pread(self._fd, _ATTEMPT_BYTES + 1, 0)
+        if not raw:
+            return None
+        try:
+            marker = json.loads(raw)
+        except ValueError:
+            return None
+        user = marker.get("user") if isinstance(marker, dict) else None
+        return user if isinstance(user, str) else None
+
+    def mark(self, user: str) -> None:
+        """Durably note an attempt for ``user`` before its PIN is judged."""
+        data = canonical_json({"user": user}) + b"\n"
+        os.ftruncate(self._fd, 0)
+        os.pwrite(self._fd, data, 0)
+        os.fsync(self._fd)
+
+    def clear(self) -> None:
+        """Settled. Not synced: after a power loss the marker may be back, counting once more."""
+        os.ftruncate(self._fd, 0)
+
+    def close(self) -> None:
+        os.close(self._fd)
 
 
 @dataclass
@@ -173,6 +240,8 @@ class SoftEngine:
         self.partition_id = partition_id
         self.nodes = [self.path, *(Path(r) for r in replicas)]
         self.lock_path = Path(lock_path) if lock_path else self.path.parent / ".hsm.lock"
+        # one journal per lock (".hsm.lock" -> ".hsm.attempt"), used only while holding it
+        self.attempts_path = self.lock_path.with_suffix(ATTEMPT_SUFFIX)
         self._mk: bytes | None = None
         self._user: str | None = None
         self._role: Role | None = None
@@ -504,16 +573,19 @@ class SoftEngine:
             return None
 
     def login(self, user: str, pin: str) -> None:
-        """Log in; every attempt is counted, durably, before its PIN is judged.
+        """Log in; every attempt is noted, durably, before its PIN is judged.
 
         The lockout must hold however many processes guess at once: under the
-        keystore lock the attempt is reserved (the failure counter raised and
-        written to every node), then judged and settled within the same hold -
-        reset on success, the user locked at the limit - so at most
-        MAX_FAILED_LOGINS wrong PINs are ever judged between successes, and a
-        process killed mid-way has spent its attempt. The KDF, the slow part,
+        keystore lock an earlier attempt left unsettled is counted, the count
+        is checked, the attempt is noted in the journal (:class:`_Attempts`),
+        the PIN judged and the attempt settled within the same hold - a
+        failure counted in the keystore (the user locked at the limit), a
+        success only clearing the note - so at most MAX_FAILED_LOGINS wrong
+        PINs are ever judged between successes, and a process killed mid-way
+        has spent its attempt. A success writes the keystore only to reset a
+        failure count or to repair a damaged node. The KDF, the slow part,
         runs before the lock: its output says nothing about the PIN until it
-        is tried on the wrapped master key, which happens only after reserving.
+        is tried on the wrapped master key, which happens only after noting.
         """
         self.logout()
         state = self._read()
@@ -524,23 +596,30 @@ class SoftEngine:
             raise self._locked_out(user)
         kek = self._kek(state, _unb64(rec["salt"]), pin)  # no verdict yet
         with self._locked() as fresh:
-            frec = fresh["users"].get(user)
-            if frec is None:
-                raise LoginFailed(f"no HSM user named {user!r}")
-            if frec["locked"] or frec["failed_logins"] >= MAX_FAILED_LOGINS:
-                raise self._locked_out(user)
-            if frec["salt"] != rec["salt"] or fresh["kdf"] != state["kdf"]:
-                kek = self._kek(fresh, _unb64(frec["salt"]), pin)  # the PIN changed meanwhile
-            frec["failed_logins"] += 1
-            self._write(fresh)  # the attempt is reserved before it is judged
-            mk = self._unwrap(fresh, user, kek)
-            if mk is not None:
-                frec["failed_logins"] = 0
-                self._write(fresh)
-            elif frec["failed_logins"] >= MAX_FAILED_LOGINS:
-                frec["locked"] = True
-                self._write(fresh)
-            failed, role = frec["failed_logins"], frec["role"]
+            journal = _Attempts(self.attempts_path)
+            try:
+                self._count_unsettled(fresh, journal)
+                frec = fresh["users"].get(user)
+                if frec is None:
+                    raise LoginFailed(f"no HSM user named {user!r}")
+                if frec["locked"] or frec["failed_logins"] >= MAX_FAILED_LOGINS:
+                    raise self._locked_out(user)
+                if frec["salt"] != rec["salt"] or fresh["kdf"] != state["kdf"]:
+                    kek = self._kek(fresh, _unb64(frec["salt"]), pin)  # the PIN changed meanwhile
+                journal.mark(user)  # the attempt is noted before it is judged
+                mk = self._unwrap(fresh, user, kek)
+                if mk is None:
+                    frec["failed_logins"] += 1
+                    if frec["failed_logins"] >= MAX_FAILED_LOGINS:
+                        frec["locked"] = True
+                    self._write(fresh)
+                elif frec["failed_logins"] or self._mending():
+                    frec["failed_logins"] = 0
+                    self._write(fresh)
+                journal.clear()
+                failed, role = frec["failed_logins"], frec["role"]
+            finally:
+                journal.close()
         if mk is None:
             if failed >= MAX_FAILED_LOGINS:
                 raise LockedOut(
@@ -550,6 +629,20 @@ class SoftEngine:
             left = MAX_FAILED_LOGINS - failed
             raise LoginFailed(f"wrong PIN for HSM user {user!r} ({left} attempts left)")
         self._mk, self._user, self._role = mk, user, Role(role)
+
+    def _count_unsettled(self, state: dict[str, Any], journal: _Attempts) -> None:
+        """Count an attempt whose process died before settling it as a failure (under the lock)."""
+        user = journal.pending()
+        if user is None:
+            journal.clear()  # empty, or garbage that names nobody
+            return
+        rec = state["users"].get(user)
+        if rec is not None and not rec["locked"]:
+            rec["failed_logins"] += 1
+            if rec["failed_logins"] >= MAX_FAILED_LOGINS:
+                rec["locked"] = True
+            self._write(state)
+        journal.clear()
 
     @staticmethod
     def _locked_out(user: str) -> LockedOut:
