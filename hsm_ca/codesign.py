@@ -8,6 +8,7 @@ works for anyone who downloads a release.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import hashlib
 import os
@@ -113,18 +114,40 @@ def sign_files(
 
     Every destination is checked and every input must be a regular file (a FIFO
     or ``/dev/zero`` would block or stream forever) before the first signature.
+    Each signature is written through the destination checked for it (a FIFO
+    stays open until then: reopened, its reader would have seen the end).
     """
-    from hsm_ca.fileio import InputError, OutputError, OutputFile, open_regular
+    from hsm_ca.fileio import OutputFile
 
-    def write_signature(path: str, data: bytes) -> None:
-        OutputFile(path, what="signature file").write(data)
-
-    write = write or write_signature
-    store, audit, actor = authority.store, authority.audit, authority.actor()
     if output is not None and len(files) != 1:
         raise UsageError("-o SIGFILE works with one file; several files get FILE.p7s each")
-    for f in files:  # checked now; opened again (FIFOs, devices) when written
-        OutputFile(output or f"{f}.p7s", what="signature file").close()
+    with contextlib.ExitStack() as stack:
+        outputs = [stack.enter_context(OutputFile(output or f"{f}.p7s", what="signature file"))
+                   for f in files]
+        pending: dict[str, list[OutputFile]] = {}
+        for out in outputs:  # in order: a file named twice has two signatures to write
+            pending.setdefault(out.path, []).append(out)
+
+        def write_checked(path: str, data: bytes) -> None:
+            pending[path].pop(0).write(data)
+
+        return _sign_checked(authority, files, signer_label, timestamp=timestamp, output=output,
+                             progress=progress, write=write or write_checked)
+
+
+def _sign_checked(
+    authority: Authority,
+    files: Sequence[str],
+    signer_label: str,
+    *,
+    timestamp: bool,
+    output: str | None,
+    progress: Callable[[int], None] | None,
+    write: Callable[[str, bytes], None],
+) -> list[SignResult]:
+    from hsm_ca.fileio import InputError, OutputError, open_regular
+
+    store, audit, actor = authority.store, authority.audit, authority.actor()
     row = store.get_row("signers", "label", signer_label)
     try:
         if row is None:

@@ -12,6 +12,7 @@ file or the whole new one, never half.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import secrets
 import stat
@@ -202,7 +203,10 @@ class OutputFile:
     nobody reads is refused before a serial is spent. A regular file (or a
     new one) is later replaced atomically, through a symbolic link to where
     it points; a FIFO or character device (``/dev/stdout``, ``/dev/null``) is
-    opened now, non-blocking, and written through.
+    opened now, non-blocking, kept open and written through that descriptor,
+    never reopened: closing a FIFO tells its reader the output has ended, and a
+    reopen would wait (or fail) with nobody reading. So the work's result must
+    be written through this object, the one that was checked.
     """
 
     def __init__(self, path: str | os.PathLike[str], mode: int = 0o644,
@@ -211,6 +215,7 @@ class OutputFile:
         self.mode = mode
         self.what = what
         self._fd: int | None = None
+        self._through = False  # a FIFO or device: written through the descriptor opened here
         shown = show_path(self.path)
         try:
             st: os.stat_result | None = os.stat(self.path)
@@ -220,16 +225,11 @@ class OutputFile:
             reason = _reason(e) if isinstance(e, OSError) else "invalid path"
             raise OutputError(f"cannot write {what} {shown}: {reason}") from None
         if st is not None and (stat.S_ISFIFO(st.st_mode) or stat.S_ISCHR(st.st_mode)):
-            flags = os.O_WRONLY | os.O_NONBLOCK | getattr(os, "O_NOCTTY", 0) \
-                | getattr(os, "O_CLOEXEC", 0)
-            try:
-                self._fd = os.open(self.path, flags)
+            try:  # kept open until written: closing it would tell a reader the output ended
+                self._fd = _open_write_through(self.path)
             except OSError as e:
-                import errno
-
-                reason = "no process is reading it" if e.errno == errno.ENXIO else _reason(e)
-                raise OutputError(f"cannot write {what} {shown}: {reason}") from None
-            os.set_blocking(self._fd, True)
+                raise OutputError(f"cannot write {what} {shown}: {_write_reason(e)}") from None
+            self._through = True
             self.target = Path(self.path)
             return
         if st is not None and not stat.S_ISREG(st.st_mode):
@@ -252,11 +252,11 @@ class OutputFile:
             if self._fd is not None:
                 fd, self._fd = self._fd, None
                 try:
-                    view = memoryview(data)
-                    while view:
-                        view = view[os.write(fd, view):]
+                    _write_all(fd, data)
                 finally:
                     os.close(fd)
+            elif self._through:  # never reopened: the reader saw the end when it was closed
+                raise OSError(errno.EBADF, "already written or closed")
             else:
                 atomic_write(self.target, data, self.mode, durable=durable)
         except OSError as e:
@@ -274,6 +274,33 @@ class OutputFile:
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
                  tb: TracebackType | None) -> None:
         self.close()
+
+
+def _open_write_through(path: str | os.PathLike[str]) -> int:
+    """Open a FIFO or character device for writing, never waiting for a reader.
+
+    A blocking open of a FIFO nobody reads waits forever; non-blocking, it
+    fails at once with ENXIO. Writes are then blocking, so a slow reader
+    gets everything.
+    """
+    flags = os.O_WRONLY | os.O_NONBLOCK | getattr(os, "O_NOCTTY", 0) | getattr(os, "O_CLOEXEC", 0)
+    fd = os.open(path, flags)
+    try:
+        os.set_blocking(fd, True)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def _write_reason(e: OSError) -> str:
+    return "no process is reading it" if e.errno == errno.ENXIO else _reason(e)
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
 
 
 def _read_only(path: Path) -> bool:
@@ -305,12 +332,18 @@ def atomic_write(path: str | Path, data: bytes, mode: int = 0o644, *, durable: b
     """Write via a temporary file and rename; devices and FIFOs are written through instead.
 
     Renaming over ``/dev/null`` as root would replace the device with a file,
-    so anything that exists and is not a regular file is opened and written.
+    so anything that exists and is not a regular file is opened and written,
+    without waiting for a reader (ENXIO). A destination a command checked
+    before its work is written through that ``OutputFile``, not reopened here:
+    a FIFO opened and closed once has already told its reader the output ended.
     """
     path = Path(path)
     if path.exists() and not path.is_file():
-        with open(path, "wb") as fh:
-            fh.write(data)
+        fd = _open_write_through(path)
+        try:
+            _write_all(fd, data)
+        finally:
+            os.close(fd)
         return
     parent = path.parent if str(path.parent) else Path(".")
     tmp = parent / f".{path.name}.{secrets.token_hex(4)}.tmp"

@@ -43,7 +43,7 @@ from hsm_ca.errors import (
     Tampered,
     UsageError,
 )
-from hsm_ca.fileio import atomic_write
+from hsm_ca.fileio import OutputFile, atomic_write
 
 if TYPE_CHECKING:
     from hsm_ca.authority import Authority
@@ -165,8 +165,15 @@ def _snapshot_db(path: Path) -> bytes:
         return target.read_bytes()
 
 
-def backup(authority: Authority, so_pin: str, output: Path, *, scrypt_n: int = BACKUP_SCRYPT_N) -> dict[str, Any]:
-    """Write an encrypted, authenticated backup of the partition and the database."""
+def backup(authority: Authority, so_pin: str, output: OutputFile | str | Path, *,
+           scrypt_n: int = BACKUP_SCRYPT_N) -> dict[str, Any]:
+    """Write an encrypted, authenticated backup of the partition and the database.
+
+    ``output`` is best the ``OutputFile`` the caller checked before asking for
+    the officer PIN: the backup is written through it (a FIFO stays the one
+    opened, a regular file is replaced atomically); a path is checked here.
+    """
+    dest = output if isinstance(output, OutputFile) else OutputFile(output, 0o600, "backup file")
     _check_backup_n(scrypt_n, UsageError)
     engine = officer_login(authority, so_pin)
     cfg = authority.config
@@ -195,10 +202,10 @@ def backup(authority: Authority, so_pin: str, output: Path, *, scrypt_n: int = B
         {"kdf": "scrypt", "n": scrypt_n, "r": 8, "p": 1, "salt": salt.hex(), "nonce": nonce.hex(),
          "cipher": "AES-256-GCM"}, sort_keys=True).encode() + b"\n"
     blob = header + AESGCM(_kdf(so_pin, salt, scrypt_n)).encrypt(nonce, payload, header)
-    atomic_write(output, blob, 0o600)
-    _record(authority, "backup", "ok", detail=f"to {Path(output).name}",
+    dest.write(blob)
+    _record(authority, "backup", "ok", detail=f"to {Path(dest.path).name}",
             object_sha256=hashlib.sha256(blob).hexdigest())
-    return {"file": str(output), "bytes": len(blob), "files": sorted(files)}
+    return {"file": dest.path, "bytes": len(blob), "files": sorted(files)}
 
 
 def _check_backup_n(n: int, error: type[HsmCaError]) -> None:

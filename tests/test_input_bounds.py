@@ -8,10 +8,13 @@ test instead of hanging it or eating the machine.
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import os
 import re
 import resource
+import shutil
 import subprocess
 import sys
 import threading
@@ -635,3 +638,139 @@ def test_a_long_dotted_key_in_the_home_config_is_refused_at_once(pki: Path) -> N
         assert r.seconds < QUICK, f"took {r.seconds:.1f}s"
     finally:
         config.write_text(original)
+
+
+# ------------------------------ issue 13 review, Medium 6: the checked destination is the written one
+class _FifoReader:
+    """A FIFO with a reader (``cat fifo > got`` in a thread): it reads until the last writer closes.
+
+    The thread is in open() (waiting for a writer) before the command starts,
+    so the command's non-blocking open finds a reader. A command that opened,
+    closed and reopened the FIFO gave this reader an empty read and then
+    blocked (or failed) on the reopen with nobody reading.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.got: list[bytes] = []
+        os.mkfifo(path)
+        self.thread = threading.Thread(target=self._read, daemon=True)
+        self.thread.start()
+        wchan = Path(f"/proc/self/task/{self.thread.native_id}/wchan")
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline and wchan.read_text() != "wait_for_partner":
+            time.sleep(0.01)
+
+    def _read(self) -> None:
+        with open(self.path, "rb") as fh:
+            self.got.append(fh.read())
+
+    def result(self) -> bytes:
+        self.thread.join(10)
+        assert not self.thread.is_alive(), "the reader never saw the end of the output"
+        return self.got[0]
+
+    def close(self) -> None:
+        if self.thread.is_alive():  # release a reader stuck in open() so the thread ends
+            with contextlib.suppress(OSError):
+                os.close(os.open(self.path, os.O_WRONLY | os.O_NONBLOCK))
+        self.path.unlink()
+
+
+def _restores(pki: Path, blob: bytes) -> None:
+    backup = pki / "from-fifo.backup"
+    backup.write_bytes(blob)
+    new_home = pki / "restored-from-fifo"
+    try:
+        ok(new_home, "hsm", "restore", str(backup))
+        ok(new_home, "audit", "verify")
+    finally:
+        backup.unlink()
+        shutil.rmtree(new_home, ignore_errors=True)
+
+
+def _verifies_signature(pki: Path, blob: bytes) -> None:
+    sig = pki / "from-fifo.p7s"
+    sig.write_bytes(blob)
+    try:
+        ok(pki / "home", "codesign", "verify", str(pki / "a.txt"), str(sig),
+           "--trust", str(pki / "root.pem"))
+    finally:
+        sig.unlink()
+
+
+def _is_certificate(pki: Path, blob: bytes) -> None:
+    from cryptography import x509
+
+    cert = x509.load_pem_x509_certificate(blob)
+    issued = {int(s, 16) for s in _issued_serials(pki / "home")}
+    assert cert.serial_number in issued
+
+
+def _is_crl(pki: Path, blob: bytes) -> None:
+    from cryptography import x509
+
+    crl = x509.load_pem_x509_crl(blob)
+    assert "Bounds Issuing" in crl.issuer.rfc4514_string()
+
+
+def _verifies_export(pki: Path, blob: bytes) -> None:
+    export = pki / "from-fifo.jsonl"
+    export.write_bytes(blob)
+    try:
+        assert blob.endswith(b"\n") and blob.count(b"\n") > 5
+        ok(pki / "home", "audit", "verify", "--file", str(export), "--trust",
+           str(pki / "audit.pem"))
+    finally:
+        export.unlink()
+
+
+_FIFO_OUTPUTS = [
+    ("hsm-backup", lambda d, o: ("hsm", "backup", "-o", o, "--scrypt-n", "1024"), _restores),
+    ("codesign-sign", lambda d, o: ("codesign", "sign", str(d / "a.txt"), "--signer", "rel",
+                                    "-o", o), _verifies_signature),
+    ("sign", lambda d, o: _sign(d, d / "web.csr", "-o", o), _is_certificate),
+    ("crl", lambda d, o: ("crl", "issuing", "-o", o), _is_crl),
+    ("audit-export", lambda d, o: ("audit", "export", "-o", o), _verifies_export),
+]
+
+
+@pytest.mark.parametrize("make_args,check", [(c[1], c[2]) for c in _FIFO_OUTPUTS],
+                         ids=[c[0] for c in _FIFO_OUTPUTS])
+def test_a_fifo_being_read_receives_the_whole_output(pki: Path, make_args: object,
+                                                    check: object) -> None:
+    reader = _FifoReader(pki / "out.fifo")
+    try:
+        r = hsm(pki / "home", *make_args(pki, str(reader.path)), timeout=30)  # type: ignore[operator]
+        assert r.code == 0, r.err
+        assert r.seconds < QUICK, f"took {r.seconds:.1f}s"
+        check(pki, reader.result())  # type: ignore[operator]
+    finally:
+        reader.close()
+
+
+@pytest.mark.parametrize("make_args", [c[1] for c in _FIFO_OUTPUTS],
+                         ids=[c[0] for c in _FIFO_OUTPUTS])
+def test_a_fifo_nobody_reads_is_refused_before_the_work(pki: Path, make_args: object) -> None:
+    home = pki / "home"
+    fifo = pki / "unread.fifo"
+    os.mkfifo(fifo)
+    try:
+        records = len(audit_records(home))
+        r = hsm(home, *make_args(pki, str(fifo)), timeout=30)  # type: ignore[operator]
+        assert "no process is reading it" in one_error(r)
+        assert r.seconds < QUICK, f"took {r.seconds:.1f}s"
+        assert len(audit_records(home)) == records  # nothing signed, backed up or recorded
+    finally:
+        fifo.unlink()
+
+
+def test_atomic_write_never_blocks_on_a_fifo_nobody_reads(tmp_path: Path) -> None:
+    fifo = tmp_path / "f"
+    os.mkfifo(fifo)
+    code = ("import sys\nfrom hsm_ca.fileio import atomic_write\n"
+            "try:\n    atomic_write(sys.argv[1], b'x')\n"
+            "except OSError as e:\n    print(e.errno)\n")
+    p = subprocess.run([sys.executable, "-c", code, str(fifo)], capture_output=True, text=True,
+                       timeout=20)
+    assert p.returncode == 0 and p.stdout.strip() == str(errno.ENXIO), (p.stdout, p.stderr)

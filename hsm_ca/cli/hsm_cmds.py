@@ -172,12 +172,13 @@ def hsm_backup(output: str, scrypt_n: int | None, so_pin_file: str | None) -> No
 
     st = state()
     # checked before the officer login, the KDF and the snapshot: a backup that cannot be
-    # written is refused before any of that work; backup() then writes it atomically
-    OutputFile(output, 0o600, what="backup file").close()
+    # written is refused before any of that work; backup() then writes through this same
+    # object (a FIFO stays open, never reopened; a regular file is replaced atomically)
+    dest = OutputFile(output, 0o600, what="backup file")
+    click.get_current_context().call_on_close(dest.close)
     with translate_os_errors(f"cannot write {output}"):
-        info = backup(
-            st.authority(), _so_pin(so_pin_file), Path(output), scrypt_n=scrypt_n or BACKUP_SCRYPT_N
-        )
+        info = backup(st.authority(), _so_pin(so_pin_file), dest,
+                      scrypt_n=scrypt_n or BACKUP_SCRYPT_N)
     if st.as_json:
         emit_json(info)
     else:
