@@ -178,8 +178,10 @@ def _sparse(path: Path, size: int) -> Path:
         ("big.backup", (1 << 30) + 1, lambda d, f: (
             "--home", str(d / "new-home"), "hsm", "restore", str(f))),
         ("big-bootstrap.toml", (1 << 20) + 1, lambda d, f: ("bootstrap", str(f), "--plan")),
+        ("big-export.jsonl", (64 << 30) + 1, lambda d, f: (
+            "audit", "verify", "--file", str(f), "--trust", str(d / "audit.pem"))),
     ],
-    ids=["pin-file", "signature", "trust-pem", "backup", "bootstrap-toml"],
+    ids=["pin-file", "signature", "trust-pem", "backup", "bootstrap-toml", "audit-export"],
 )
 def test_every_input_has_a_size_limit_checked_before_reading(
     pki: Path, name: str, size: int, make_args: object
@@ -774,3 +776,31 @@ def test_atomic_write_never_blocks_on_a_fifo_nobody_reads(tmp_path: Path) -> Non
     p = subprocess.run([sys.executable, "-c", code, str(fifo)], capture_output=True, text=True,
                        timeout=20)
     assert p.returncode == 0 and p.stdout.strip() == str(errno.ENXIO), (p.stdout, p.stderr)
+
+
+# --------------------------- issue 13 review, Low: blank lines of a line-by-line input are bounded
+@pytest.mark.parametrize("line", ["\n", "\x1c\n", " \t\r\n"], ids=["newlines", "unicode-space",
+                                                                   "whitespace"])
+def test_an_export_of_blank_lines_ends_at_once(pki: Path, line: str) -> None:
+    """128 MiB of lines the verifier skips as blank: the old reader looped for half a minute
+    (64 GiB, the size allowed, would have taken hours)."""
+    blanks = pki / "blank.jsonl"
+    blanks.write_bytes(line.encode() * ((128 << 20) // len(line.encode())))
+    try:
+        r = hsm(pki / "home", "audit", "verify", "--file", str(blanks), "--trust",
+                str(pki / "audit.pem"), timeout=120)
+        assert "bytes of blank lines" in one_error(r)
+        assert r.seconds < 5, f"took {r.seconds:.1f}s"
+    finally:
+        blanks.unlink()
+
+
+def test_an_export_with_a_few_blank_lines_still_verifies(pki: Path) -> None:
+    lines = (pki / "export.jsonl").read_text().splitlines(keepends=True)
+    spaced = pki / "spaced.jsonl"
+    spaced.write_text("\n" * 100 + "".join(line + " \r\n" * 10 for line in lines) + "\n\n")
+    try:
+        ok(pki / "home", "audit", "verify", "--file", str(spaced), "--trust",
+           str(pki / "audit.pem"))
+    finally:
+        spaced.unlink()
