@@ -13,14 +13,17 @@ What sweep may remove is narrow on purpose, because it runs on every command
 in the home's parent directory - for the default ``~/.hsm-ca`` that is the
 user's own ``$HOME``:
 
-* only names made from *this* home's name in the exact form Staging makes,
+* only names in the exact form Staging makes,
   ``.{home}.{init|restore}-{pid}-{16 hex digits}``;
 * with its whole tree only when it holds an owner file that is a regular file
-  naming that pid and can be locked (its owner is gone);
-* without an owner file only when the pid in its name is gone and the
-  directory is empty but for the owner file being made: nothing of a CA's is
-  ever written before the owner file is in place, so this is only an empty
-  directory.
+  naming that pid and can be locked (its owner is gone) - for any home in
+  the parent, since a killed ``hsm restore`` into a new home leaves its copy
+  of the CA beside homes that go on being used, and no directory hsm-ca did
+  not make has such a name *and* such an owner file;
+* without an owner file only for *this* home's names, when the pid in its
+  name is gone and the directory is empty but for the owner file being made:
+  nothing of a CA's is ever written before the owner file is in place, so
+  this is only an empty directory.
 
 The owner file is made under a temporary name, locked, written and synced,
 and only then renamed into place, so no sweep ever sees an owner file that is
@@ -166,35 +169,36 @@ def _remove_unowned(path: Path, pid: int) -> bool:
     return True
 
 
-def sweep(home: Path) -> list[Path]:
-    """Remove stale staging directories of ``home`` in its parent; returns what was removed.
+_FORM = re.compile(r"\.(.+)\.(?:init|restore)-([0-9]{1,10})-[0-9a-f]{16}", re.DOTALL)
 
-    Only this home's names in the exact staging form, and only those whose
-    owner is provably gone (see the module docstring). Best effort and
-    quiet: a directory that cannot be read, or an entry that cannot be
-    removed, is left for the next run.
+
+def sweep(home: Path) -> list[Path]:
+    """Remove stale staging directories in ``home``'s parent; returns what was removed.
+
+    Stagings of any home there whose owner is provably gone, and this home's
+    own ones killed before they had an owner (see the module docstring).
+    Best effort and quiet: a directory that cannot be read, or an entry that
+    cannot be removed, is left for the next run.
     """
     home = Path(home)
-    prefix = _prefix(home)
     removed: list[Path] = []
-    if prefix is None:
+    if _prefix(home) is None:
         return removed
-    form = re.compile(re.escape(prefix) + r"(?:init|restore)-([0-9]{1,10})-[0-9a-f]{16}")
     try:
-        entries = [e for e in os.scandir(home.parent) if e.name.startswith(prefix)]
+        entries = list(os.scandir(home.parent))
     except OSError:
         return removed
     for entry in entries:
-        match = form.fullmatch(entry.name)
+        match = _FORM.fullmatch(entry.name)
         if match is None:
             continue
         with contextlib.suppress(OSError):
             if not entry.is_dir(follow_symlinks=False):
                 continue
-        path, pid = Path(entry.path), int(match.group(1))
+        path, pid = Path(entry.path), int(match.group(2))
         released = _owner_released(path, pid)
         if released is None:
-            if _remove_unowned(path, pid):
+            if match.group(1) == home.name and _remove_unowned(path, pid):
                 removed.append(path)
         elif released:
             shutil.rmtree(path, ignore_errors=True)

@@ -361,17 +361,19 @@ def test_a_restore_killed_at_any_instant_leaves_no_staging_and_no_unrecorded_hom
 def test_a_live_staging_is_never_swept_a_dead_one_always(soft_pki: Cli, tmp_path: Path) -> None:
     parent = tmp_path / "homes"
     parent.mkdir()
-    # an init killed inside its staging: the next command on that home removes the leftover
-    # (a command on another home beside it sweeps only that home's names)
+    # an init killed inside its staging: the next command on any home of that parent removes
+    # the leftover once its owner file is in place; one killed before that (an empty
+    # directory) is removed by the next command on that home itself
     victim = parent / "victim"
     proc = spawn(victim, "init", "--scrypt-n", "1024")
     _kill_when_staging_appears(proc, parent, victim, 0.0)
     if not victim.exists():
         assert _staged(parent, victim), "the kill missed the staging phase"
-    left = _staged(parent, victim)
     subprocess.run([sys.executable, "-m", "hsm_ca", "--home", str(parent / "other"), "ca",
                     "list"], capture_output=True, env=env_with(), timeout=60)
-    assert _staged(parent, victim) == left
+    assert all(not (d / ".staging-owner").exists() and
+               all(n == ".staging-owner.new" for n in os.listdir(d))
+               for d in _staged(parent, victim))
     subprocess.run([sys.executable, "-m", "hsm_ca", "--home", str(victim), "ca", "list"],
                    capture_output=True, env=env_with(), timeout=60)
     assert _staged(parent, victim) == []
@@ -413,7 +415,7 @@ def test_directories_beside_the_home_that_hsm_ca_did_not_stage_for_it_are_never_
     tmp_path: Path,
 ) -> None:
     """The default home is ~/.hsm-ca, so its parent is $HOME: every command sweeps there.
-    Only this home's own staging names, in the exact form, with proof the owner is gone."""
+    Only staging names in the exact form, with proof the owner is gone."""
     parent = tmp_path / "user-home"
     parent.mkdir()
     home = parent / "h"
@@ -441,18 +443,21 @@ def test_directories_beside_the_home_that_hsm_ca_did_not_stage_for_it_are_never_
     # exact form, but the owner file is a symlink, or names another pid
     keep["symlinked owner"] = make(f".h.init-{dead}-00000000000000aa", symlink_owner=True)
     keep["other pid inside"] = make(f".h.restore-{dead}-00000000000000bb", owner=b"1\n")
-    # another home's stale staging: removed by a command on that home, not on this one
-    keep["another home's"] = make(f".other.init-{dead}-00000000000000cc",
-                                  owner=f"{dead}\n".encode())
+    # another home's staging killed before its owner file was in place: only that home's
+    # own commands may judge an owner-less directory
+    keep["another home's unowned"] = make(f".other.init-{dead}-00000000000000cc")
     # the bare names of earlier versions carry no home name: never ours to judge
     keep["legacy"] = make(".restore-abcd1234")
     (keep["legacy"] / "hsm-ca.toml").write_text('engine = "soft"\n')
     # positive controls: this home's killed staging, with and without its owner file in place
     stale = make(f".h.restore-{dead}-00000000000000dd", owner=f"{dead}\n".encode())
+    # and another home's killed staging with its owner file: a restore into a new home
+    # leaves its copy of the CA beside homes that go on being used
+    other_stale = make(f".other.restore-{dead}-00000000000000ff", owner=f"{dead}\n".encode())
     unowned = parent / f".h.init-{dead}-00000000000000ee"
     unowned.mkdir()
     (unowned / ".staging-owner.new").write_bytes(f"{dead}\n".encode())
-    for d in [*keep.values(), stale, unowned]:
+    for d in [*keep.values(), stale, other_stale, unowned]:
         _aged(d)
 
     r = subprocess.run([sys.executable, "-m", "hsm_ca", "--home", str(home), "ca", "list"],
@@ -460,7 +465,7 @@ def test_directories_beside_the_home_that_hsm_ca_did_not_stage_for_it_are_never_
     assert r.returncode == 1, r.stderr  # no home there yet; the sweep ran all the same
     gone = [what for what, d in keep.items() if not (d / "important" / "file").exists()]
     assert gone == [], gone
-    assert not stale.exists() and not unowned.exists()
+    assert not stale.exists() and not unowned.exists() and not other_stale.exists()
 
     r = subprocess.run([sys.executable, "-m", "hsm_ca", "--home", str(home), "init",
                         "--scrypt-n", "1024"], capture_output=True, text=True, env=env_with(),
