@@ -6,8 +6,10 @@ option meant for tests; nothing weakens an existing home behind its back.
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -31,6 +33,7 @@ ENGINES = ["soft", "pkcs11"]
 # initialised, so the whole run shares one private token directory; each test
 # gets tokens of its own in it.
 _SOFTHSM_DIR = Path(tempfile.mkdtemp(prefix="hsm-ca-softhsm-"))
+atexit.register(shutil.rmtree, _SOFTHSM_DIR, ignore_errors=True)  # tokens die with the run
 (_SOFTHSM_DIR / "tokens").mkdir()
 (_SOFTHSM_DIR / "softhsm2.conf").write_text(
     f"directories.tokendir = {_SOFTHSM_DIR / 'tokens'}\nobjectstore.backend = file\nlog.level = ERROR\n"
