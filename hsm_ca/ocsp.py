@@ -58,6 +58,9 @@ _HASHES: dict[str, type[hashes.HashAlgorithm]] = {
 }
 
 
+_CacheKey = tuple[str, str, bytes, bytes, int]
+
+
 def _unsuccessful(status: ocsp.OCSPResponseStatus) -> bytes:
     return ocsp.OCSPResponseBuilder.build_unsuccessful(status).public_bytes(
         serialization.Encoding.DER
@@ -213,8 +216,11 @@ class OcspResponder:
         self._ids: dict[tuple[str, bytes, bytes], str] = {}
         self._ca_count: Any = None
         self._signers: dict[str, _Signer] = {}
-        # (CA, serial) -> (expires, answer) for issued certificates only, in expiry order
-        self._cache: OrderedDict[tuple[str, int], tuple[float, OcspAnswer]] = OrderedDict()
+        # the whole CertID (CA, hash algorithm, issuer name hash, issuer key hash, serial)
+        # -> (expires, answer), for issued certificates only, in expiry order. An answer
+        # names the CertID it was asked with, so one asked by SHA-384 is no answer to a
+        # SHA-1 request (openssl: "No Status found"; a soft-failing client then accepts).
+        self._cache: OrderedDict[_CacheKey, tuple[float, OcspAnswer]] = OrderedDict()
         self.max_cached = max_cached
         self._epoch = -1
         self.signatures = 0
@@ -315,11 +321,11 @@ class OcspResponder:
     def _may_sign(self, client: str | None) -> bool:
         return client is None or self.limiter.take(client)
 
-    def _cached(self, key: tuple[str, int], now_mono: float) -> OcspAnswer | None:
+    def _cached(self, key: _CacheKey, now_mono: float) -> OcspAnswer | None:
         hit = self._cache.get(key)
         return hit[1] if hit is not None and hit[0] > now_mono else None
 
-    def _has_room(self, key: tuple[str, int], now_mono: float) -> bool:
+    def _has_room(self, key: _CacheKey, now_mono: float) -> bool:
         """Whether an answer for ``key`` can be cached now (expired answers are dropped first)."""
         while self._cache:
             oldest = next(iter(self._cache))
@@ -348,7 +354,8 @@ class OcspResponder:
             self._cache.clear()
             self._signers.clear()
             self._epoch = epoch
-        key = (ca_name, req.serial_number)
+        key = (ca_name, req.hash_algorithm.name, req.issuer_name_hash, req.issuer_key_hash,
+               req.serial_number)
         now_mono = time.monotonic()
         if nonce is None and self.cache_seconds and (hit := self._cached(key, now_mono)):
             return hit

@@ -220,3 +220,27 @@ def test_never_issued_serials_cannot_push_issued_answers_out(pki: Cli) -> None:
         assert r.signatures == 3 and r.limited == 1
     finally:
         auth.close()
+
+
+def test_cached_answer_matches_the_requests_certid_exactly(
+    responder: tuple[OcspResponder, Cli],
+) -> None:
+    """Issue 14 finding 3: the cache was keyed by (CA, serial). A SHA-384 request for a
+    revoked certificate primed it, and SHA-1/SHA-256 requests then got that answer, whose
+    CertID is not theirs: openssl says "No Status found" and a soft-failing client accepts
+    the revoked certificate. Every answer must name the CertID it was asked with."""
+    r, cli = responder
+    issuer, cert = _issuer(cli), _issue(cli, "certid")
+    cli.ok("revoke", format(cert.serial_number, "x"), "--reason", "keyCompromise")
+    algorithms = (hashes.SHA384(), hashes.SHA1(), hashes.SHA256(), hashes.SHA512())
+    for _round in range(2):  # the second round is answered from the cache
+        for alg in algorithms:
+            req = ocsp.load_der_ocsp_request(_request(cert, issuer, alg=alg))
+            resp = ocsp.load_der_ocsp_response(r.respond(req.public_bytes(
+                serialization.Encoding.DER)).der)
+            assert resp.response_status == ocsp.OCSPResponseStatus.SUCCESSFUL
+            assert (resp.hash_algorithm.name, resp.issuer_name_hash, resp.issuer_key_hash,
+                    resp.serial_number) == (req.hash_algorithm.name, req.issuer_name_hash,
+                                            req.issuer_key_hash, req.serial_number)
+            assert resp.certificate_status == ocsp.OCSPCertStatus.REVOKED
+    assert r.signatures == len(algorithms)  # one per CertID; the cache still spares the HSM

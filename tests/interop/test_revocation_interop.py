@@ -482,6 +482,20 @@ def test_no_nonce_response_is_cached_until_a_revocation(env: Env, server: CaServ
     assert_verified(with_nonce)
     assert_revoked(with_nonce, str(env.flip), "superseded")
 
+def test_a_cached_answer_is_only_given_for_its_own_certid(env: Env, server: CaServer) -> None:
+    """Issue 14 finding 3: a SHA-384 query primed the (CA, serial) cache, and openssl's
+    SHA-1 and SHA-256 queries got that answer: "No Status found", which a soft-failing
+    client takes as no objection to a revoked certificate."""
+    serial, leaf = issue_leaf(env.pki, "certid")
+    hsm(env.pki.home, "revoke", serial, "--reason", "keyCompromise")
+    for digest in ("-sha384", "-sha1", "-sha256", "-sha512", "-sha1"):
+        run = openssl_ocsp(env, server, "-no_nonce", digest, "-cert", leaf)
+        assert_verified(run, nonce=False)
+        assert "No Status found" not in run.output, (digest, run.output)
+        assert_revoked(run, str(leaf), "keyCompromise")
+        assert run.response.hash_algorithm.name == digest[1:], digest
+
+
 
 # ================================================================ 3. GET form
 def _http_date(value: str | None) -> dt.datetime:
