@@ -179,8 +179,13 @@ class AuditLog:
         seq, chain = self.store.tx_state["audit_head"]
         self.store.set_meta("audit_head", json.dumps({"seq": seq, "chain": chain}))
 
-    def records(self, since: int = 0) -> Iterator[dict[str, Any]]:
-        yield from self.store.db["audit"].rows_where("seq > ?", [since], order_by="seq")
+    def records(self, since: int = 0, until: int | None = None) -> Iterator[dict[str, Any]]:
+        """Records after ``since`` up to and including ``until`` (all, without it)."""
+        if until is None:
+            yield from self.store.db["audit"].rows_where("seq > ?", [since], order_by="seq")
+        else:
+            yield from self.store.db["audit"].rows_where("seq > ? AND seq <= ?", [since, until],
+                                                         order_by="seq")
 
     def verify(self, trust_key: Any = None, *, trail: str | None = None,
                anchors: dict[int, str] | None = None) -> AuditReport:
@@ -330,6 +335,7 @@ class Walk:
     max_generation: int = 0
     last_checkpoint: int = 0
     last_checkpoint_time: str | None = None
+    last_checkpoint_info: dict[str, Any] = field(default_factory=dict)
     trail: str | None = None
 
 
@@ -385,9 +391,10 @@ def _verify_checkpoint(key: Any, record: dict[str, Any], prev_chain: str,
             return f"it belongs to audit trail {trail[:32]}, not to trail {walk.trail[:32]}"
         walk.trail = trail
         data = checkpoint_payload_v2(record, info)
-    if key is None:
-        return None
-    return verify_signature(key, sig, data)
+    problem = None if key is None else verify_signature(key, sig, data)
+    if problem is None:
+        walk.last_checkpoint_info = dict(info, v=version)
+    return problem
 
 
 def _shape_problem(record: Any) -> str | None:
@@ -485,31 +492,76 @@ def parse_anchor(text: str) -> tuple[int, str]:
     return int(seq_text), chain
 
 
+EXPORT_REASON = "export"
+
+
+def _no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """A JSON object hook: a repeated key is refused (readers disagree on which one counts)."""
+    record: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in record:
+            raise ValueError(f"the key {key[:32]!r} appears twice")
+        record[key] = value
+    return record
+
+
 def verify_export(lines: Iterable[str], trust_key: Any, *, trail: str | None = None,
                   anchors: dict[int, str] | None = None) -> AuditReport:
     """Offline verification of an exported trail (JSON Lines) against a trusted audit key.
 
-    An export must end with a signed checkpoint: records after the last one
-    could have been cut off without trace, so they fail the check.
+    An export must end with the signed checkpoint that ``audit export`` made
+    for it (version 2, reason "export"): records after the last checkpoint
+    could have been cut off without trace, and an export cut back to an
+    earlier periodic or CRL checkpoint would otherwise look whole. Problems
+    name the line of the file, since an export is read by people with a pager.
     """
+    where = {"line": 0}
+    problems: dict[int, str] = {}
+
     def records() -> Iterator[Any]:
-        for line in lines:
+        for n, line in enumerate(lines, start=1):
+            where["line"] = n
             if line.strip():
                 try:
-                    yield json.loads(line)
-                except (ValueError, RecursionError):
-                    yield None  # reported by the walk as "not an audit record"
+                    yield json.loads(line, object_pairs_hook=_no_duplicate_keys)
+                except RecursionError:
+                    problems[n] = "is nested too deeply to be an audit record"
+                    yield None
+                except ValueError as e:
+                    problems[n] = f"is not an audit record ({str(e)[:80]})"
+                    yield None
 
     walk = walk_records(records(), trust_key, trail=trail, anchors=anchors)
+    line = where["line"]
     if not walk.report.ok:
-        return walk.report
+        report = walk.report
+        detail = problems.get(line)
+        if detail is not None and report.first_bad_seq is not None:
+            report.problem = f"audit record {report.first_bad_seq} {detail}"
+        report.problem = f"line {line}: {report.problem}"
+        return report
+    count = walk.report.records
     if walk.last_checkpoint == 0:
-        return AuditReport(False, walk.report.records, None,
-                           "the export holds no signed checkpoint to anchor it")
-    if walk.report.records > walk.last_checkpoint:
+        return AuditReport(False, count, None, "the export holds no signed checkpoint to anchor it")
+    if count > walk.last_checkpoint:
         return AuditReport(
-            False, walk.report.records, walk.last_checkpoint + 1,
+            False, count, walk.last_checkpoint + 1,
             f"records after the last signed checkpoint ({walk.last_checkpoint}) are unsigned: "
             "the export was cut or extended after it was made",
         )
+    info = walk.last_checkpoint_info
+    if info.get("v") != CHECKPOINT_VERSION:
+        return AuditReport(
+            False, count, None,
+            "the export ends with a version-1 checkpoint, which does not sign that it was made "
+            "for an export, so a cut back to it cannot be told apart: export it again",
+        )
+    if info.get("reason") != EXPORT_REASON:
+        return AuditReport(
+            False, count, None,
+            f"the export ends with a {str(info.get('reason'))[:20]!r} checkpoint, not with the "
+            "one 'audit export' signs for it: it was cut back to an earlier checkpoint",
+        )
+    walk.report.notes.append(f"the export was made at {walk.last_checkpoint_time} "
+                             f"(its checkpoint, record {walk.last_checkpoint}, is signed)")
     return walk.report

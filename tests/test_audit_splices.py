@@ -118,10 +118,19 @@ def test_a_trail_cut_back_to_an_old_checkpoint_fails_against_an_anchor(
     assert new["anchor"] == f"{new['checkpoint']}:{new['chain']}"
     cert = tmp_path / "audit.pem"
     pki.ok("audit", "cert", "-o", str(cert))
+    first = _export(pki, tmp_path / "first.jsonl")  # an earlier export, ending at its checkpoint
+    issue_tls(pki, tmp_path, 1, tag="e")
     records = _export(pki, tmp_path / "all.jsonl")
-    cut = _write(tmp_path / "cut.jsonl", records[:old["checkpoint"]])
-    assert _verify_file(pki, cut, cert).code == 0  # honest: a genuine prefix of the trail
-    r = _verify_file(pki, cut, cert, "--anchor", new["anchor"])
+    # cut back to a checkpoint that was not made for an export: refused by itself
+    cut = _write(tmp_path / "cut.jsonl", records[:new["checkpoint"]])
+    r = _verify_file(pki, cut, cert)
+    assert r.code == 1 and "cut back to an earlier checkpoint" in r.err
+    # cut back to exactly the earlier export's checkpoint: a genuine earlier export, honestly
+    # intact (and says when it was made); only an anchor noted since reveals the cut
+    cut = _write(tmp_path / "cut2.jsonl", records[:len(first)])
+    r = _verify_file(pki, cut, cert)
+    assert r.code == 0 and "the export was made at" in r.out
+    r = _verify_file(pki, cut, cert, "--anchor", f"{len(records)}:{records[-1]['chain']}")
     assert r.code == 1 and "cut back" in r.err
     full = _write(tmp_path / "full.jsonl", records)
     assert _verify_file(pki, full, cert, "--anchor", new["anchor"], "--anchor", old["anchor"]).code == 0
@@ -218,18 +227,24 @@ def test_two_homes_sharing_one_audit_key_keep_their_trails_apart(
 def test_an_export_line_that_is_not_a_record_is_named(
         trail: tuple[Cli, Path, list[dict[str, Any]]], tmp_path: Path) -> None:
     cli, cert, records = trail
+    genuine = json.dumps(records[2])
+    # a repeated key: a reader keeping the first value would see another record than the chain
+    duplicate = '{"subject":"CN=someone else",' + genuine[1:]
     for n, bad in enumerate(["[1,2]", "{}", "not json", '"text"', "[" * 100_000,
                              json.dumps(dict(records[2], extra="x")),
-                             json.dumps(dict(records[2], seq="3"))]):
+                             json.dumps(dict(records[2], seq="3")), duplicate]):
         lines = [json.dumps(r) for r in records]
         lines[2] = bad
         export = tmp_path / f"bad{n}.jsonl"
-        export.write_text("\n".join(lines) + "\n")
+        export.write_text("\n".join(["", *lines]) + "\n")  # a blank first line: line 4 is bad
         r = _verify_file(cli, export, cert)
         assert r.code == 1, bad[:20]
         err = r.err.strip().splitlines()
         assert len(err) == 1 and err[0].startswith("Error:") and "audit record 3" in err[0], r.err
+        assert "line 4:" in err[0], r.err
         assert "internal error" not in r.err and "Traceback" not in r.err
+        if bad is duplicate:
+            assert "appears twice" in err[0]
 
 
 # ---------------------------------------------- version-1 checkpoints (homes from before)
@@ -262,8 +277,11 @@ def _v1_trail(n: int, checkpoint_after: list[int]) -> tuple[list[dict[str, Any]]
 
 def test_version_1_checkpoints_still_verify_in_place() -> None:
     records, key = _v1_trail(6, [3, 6])
+    walk = walk_records(records, key)
+    assert walk.report.ok, walk.report.problem
+    # but an export must end with a checkpoint that signs it was made for the export
     report = verify_export([json.dumps(r) for r in records], key)
-    assert report.ok, report.problem
+    assert not report.ok and "version-1" in (report.problem or "")
 
 
 def test_a_replayed_version_1_checkpoint_is_refused() -> None:

@@ -172,10 +172,15 @@ def audit_export(output: str | None, no_checkpoint: bool, pin_file: str | None) 
     dest = output_file(output, what="audit export") if output else None  # before the checkpoint
     if dest is not None:
         click.get_current_context().call_on_close(dest.close)
+    from hsm_ca.audit import EXPORT_REASON
+
     auth = st.authority(pin_file)
+    until = None
     if not no_checkpoint and (pin_file or st.pin_file or os.environ.get(PIN_ENV)):
-        auth.checkpoint("export")
-    lines = [json.dumps(r, sort_keys=True, separators=(",", ":")) for r in auth.audit.records()]
+        # the export ends with its own checkpoint, even while others append to the trail
+        until = auth.checkpoint(EXPORT_REASON)
+    lines = [json.dumps(r, sort_keys=True, separators=(",", ":"))
+             for r in auth.audit.records(until=until)]
     data = "".join(line + "\n" for line in lines)
     if dest is not None:
         dest.write(data.encode())
