@@ -3,8 +3,13 @@
 CRL numbers are reserved (and committed) before the HSM signs, exactly like
 serials, so a crash can leave a gap but never a repeat. Entries are read in the
 same transaction as the number and the *revocation epoch* they correspond to,
-which is what a delta CRL later selects on: time stamps of one-second
-resolution could put a revocation in neither the base nor the delta.
+which tells a later request whether the stored CRL is still current.
+
+A delta CRL carries the same entries as a full CRL signed at its time, not only
+the changes since its base: clients that read a delta as a complete CRL (OpenSSL
+3.0 without ``-extended_crl`` picks the newest CRL in scope, delta or not) must
+still see a certificate revoked before the base. A delta thus saves no bytes;
+what it adds is freshness for clients that follow freshestCRL.
 """
 
 from __future__ import annotations
@@ -180,7 +185,11 @@ def sign_crl(authority: Authority, ca_name: str, *, delta: bool = False) -> CrlR
             )
         number = store.next_crl_number(ca_name)
         epoch = store.revocation_epoch()
-        rows = store.revoked_entries(ca_name, base_row["epoch"] if base_row else None)
+        # A delta lists every revocation, its base's too (RFC 5280 section 5.2.4 lets a
+        # delta repeat entries of its base): OpenSSL without -extended_crl takes the
+        # newest CRL in scope as complete, even a delta, and one listing only the
+        # changes since its base let a certificate revoked before the base verify OK.
+        rows = store.revoked_entries(ca_name)
         audit.append(actor, "crl", "intent", ca=ca_name, key_label=ca.key_label,
                      detail=f"{'delta' if delta else 'full'} CRL number {number}")
     # Entries are built in one tight loop (a million of them is the case to be fast for);

@@ -397,6 +397,42 @@ def test_openssl_delta_crl_carries_a_revocation_made_after_the_base(
         )
 
 
+# how clients set openssl's CRL checks: every chain with full + delta CRLs loaded
+DELTA_FLAGS = [
+    ("-crl_check",), ("-crl_check_all",), ("-crl_check_all", "-use_deltas"),
+    ("-crl_check_all", "-extended_crl"), ("-crl_check_all", "-extended_crl", "-use_deltas"),
+    ("-crl_check", "-use_deltas"),
+]
+
+
+@pytest.mark.parametrize("flags", DELTA_FLAGS, ids=" ".join)
+@pytest.mark.parametrize("order", ["base-first", "delta-first"])
+def test_openssl_with_base_and_delta_finds_a_revocation_made_before_the_base(
+    env: Env, crls: dict[str, tuple[Path, Path]], deltas: Deltas,
+    flags: tuple[str, ...], order: str,
+) -> None:
+    """Issue 14 finding 4: without -extended_crl, OpenSSL 3.0 takes the newest CRL in scope
+    as the complete one, which is the delta. A delta listing only what changed since its
+    base made a certificate revoked *before* the base verify OK. hsm-ca's delta also lists
+    the base's entries (RFC 5280 section 5.2.4 allows it), so a client reading it as
+    complete still sees every revocation, and a delta-aware one loses nothing."""
+    root_crl, _ = crls["cli-pem"]
+    for delta in (deltas.cli, deltas.server):
+        pair = (deltas.base, delta) if order == "base-first" else (delta, deltas.base)
+        files = (root_crl, *pair)
+        rc, out = openssl_verify(env, env.revoked, *files, check=flags[0], extra=flags[1:])
+        assert rc != 0 and "error 23 at 0 depth lookup: certificate revoked" in out, (
+            f"openssl {' '.join(flags)} with {delta.name} accepted a leaf revoked before "
+            f"the base:\n{out}")
+        rc, out = openssl_verify(env, env.good, *files, check=flags[0], extra=flags[1:])
+        assert rc == 0, f"openssl {' '.join(flags)} rejected the good leaf:\n{out}"
+        rc, out = openssl_verify(env, deltas.leaf, *files, check=flags[0], extra=flags[1:])
+        if "-use_deltas" in flags:  # a client that reads deltas sees the late revocation
+            assert rc != 0 and "certificate revoked" in out, (flags, out)
+        elif "-extended_crl" in flags:  # which ignores deltas otherwise: the base is all
+            assert rc == 0, (flags, out)
+        # else openssl takes whichever CRL is newer (the first on a tie): both are complete
+
 # ============================================================== 2. openssl ocsp
 def test_openssl_ocsp_with_the_ca_key(env: Env, ca_signed: dict[str, OcspRun]) -> None:
     for run in ca_signed.values():
