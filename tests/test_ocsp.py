@@ -244,3 +244,23 @@ def test_cached_answer_matches_the_requests_certid_exactly(
                                             req.issuer_key_hash, req.serial_number)
             assert resp.certificate_status == ocsp.OCSPCertStatus.REVOKED
     assert r.signatures == len(algorithms)  # one per CertID; the cache still spares the HSM
+
+
+def test_a_revoked_delegated_responder_stops_signing(responder: tuple[OcspResponder, Cli]) -> None:
+    """Issue 14, "tests that let such bugs through": with the responder's status check
+    removed, a revoked delegated responder kept signing and the whole suite passed. Once
+    revoked, the CA key answers: in the running responder (whose signer and answers were
+    cached) and in a new one."""
+    r, cli = responder
+    issuer, cert = _issuer(cli), _issue(cli, "rr")
+    info = json.loads(cli.ok("--json", "ca", "ocsp-responder", "issuing").out)
+    resp = ocsp.load_der_ocsp_response(r.respond(_request(cert, issuer)).der)
+    assert [format(c.serial_number, "x") for c in resp.certificates] == [info["serial"]]
+    cli.ok("revoke", info["serial"], "--reason", "keyCompromise")  # another connection
+    ca_key_hash = x509.SubjectKeyIdentifier.from_public_key(issuer.public_key()).digest  # type: ignore[arg-type]
+    for fresh in (r, OcspResponder(r.authority, cache_seconds=300)):
+        for nonce in (None, b"nonce-after-revocation"):
+            resp = ocsp.load_der_ocsp_response(fresh.respond(_request(cert, issuer, nonce)).der)
+            assert resp.response_status == ocsp.OCSPResponseStatus.SUCCESSFUL
+            assert resp.certificates == [] and resp.responder_key_hash == ca_key_hash
+            assert resp.certificate_status == ocsp.OCSPCertStatus.GOOD

@@ -156,3 +156,18 @@ def test_every_reason_name_round_trips(pki: Cli, tmp_path: Path) -> None:
         except x509.ExtensionNotFound:
             got = x509.ReasonFlags.unspecified
         assert got == REASONS[reason]
+
+
+def test_crl_next_update_is_capped_at_the_cas_expiry(pki: Cli) -> None:
+    """Issue 14, "tests that let such bugs through": no test failed with the cap removed.
+    A CA valid for two more days must not publish a CRL claiming seven days of validity
+    (RFC 5280 section 5.1.2.5: no CRL says anything past its issuer's certificate)."""
+    pki.ok("ca", "create-intermediate", "short", "--parent", "root",
+           "--subject", "CN=Short-lived CA,O=Test", "--days", "2")
+    ca = x509.load_pem_x509_certificate(pki.ok("ca", "export", "short").out.encode())
+    for args in (("short",), ("short", "--delta")):
+        crl = _crl(pki, *args)
+        assert crl.next_update_utc is not None
+        assert crl.next_update_utc == ca.not_valid_after_utc.replace(microsecond=0), args
+    assert _crl(pki, "issuing").next_update_utc - _crl(pki, "issuing").last_update_utc == \
+        dt.timedelta(days=7)  # the cap binds only a CA that expires sooner
