@@ -311,24 +311,66 @@ def _check_ess(si: cms.SignerInfo, cert: x509.Certificate) -> None:
         raise _Invalid("signingCertificateV2 does not match the signer's certificate")
 
 
+SHA2_IMPRINTS = ("sha256", "sha384", "sha512")
+"""Message-imprint algorithms a time stamp may use: MD5 and SHA-1 imprints can be collided."""
+
+_HANDLED_CRL_EXTENSIONS = {
+    x509.oid.ExtensionOID.CRL_NUMBER, x509.oid.ExtensionOID.DELTA_CRL_INDICATOR,
+    x509.oid.ExtensionOID.ISSUING_DISTRIBUTION_POINT,
+    x509.oid.ExtensionOID.AUTHORITY_KEY_IDENTIFIER,
+}
+_HANDLED_ENTRY_EXTENSIONS = {x509.oid.CRLEntryExtensionOID.CRL_REASON,
+                             x509.oid.CRLEntryExtensionOID.INVALIDITY_DATE}
+
+
+def _purpose_policies(eku: x509.ObjectIdentifier, what: str) -> tuple[Any, Any]:
+    """(CA, end-entity) extension policies: cryptography's web-PKI defaults, EKU for ``eku``.
+
+    The defaults' EKU rule belongs to the verifier's TLS purpose (the client
+    verifier demands clientAuth, even on CAs), so it is replaced: the end
+    entity must name ``eku``; a CA with an EKU extension must name it or
+    anyExtendedKeyUsage (a TLS-only intermediate cannot vouch for a code
+    signer), one without is unrestricted. The end entity must also be able to
+    sign: not a CA (the defaults' basicConstraints rule) and, with a keyUsage,
+    digitalSignature set.
+    """
+    from cryptography.x509.verification import Criticality, ExtensionPolicy
+
+    name = eku._name
+
+    def ee_eku(_policy: Any, _cert: Any, value: Any) -> None:
+        if value is None or eku not in list(value):
+            raise ValueError(f"{what} certificate lacks the {name} extended key usage")
+
+    def ca_eku(_policy: Any, _cert: Any, value: Any) -> None:
+        if value is not None and eku not in list(value) \
+                and ExtendedKeyUsageOID.ANY_EXTENDED_KEY_USAGE not in list(value):
+            raise ValueError(f"a CA certificate's extended key usage excludes {name}")
+
+    def ee_key_usage(_policy: Any, _cert: Any, value: Any) -> None:
+        if value is None:
+            return
+        if not value.digital_signature:
+            raise ValueError(f"{what} certificate's key usage lacks digitalSignature")
+        if value.key_cert_sign:
+            raise ValueError(f"{what} certificate's key usage includes keyCertSign")
+
+    ca = ExtensionPolicy.webpki_defaults_ca().may_be_present(
+        x509.ExtendedKeyUsage, Criticality.AGNOSTIC, ca_eku)
+    ee = (ExtensionPolicy.webpki_defaults_ee()
+          # a code signer or TSA is named by its subject, not a DNS name: SAN is optional
+          .may_be_present(x509.SubjectAlternativeName, Criticality.AGNOSTIC, None)
+          .require_present(x509.ExtendedKeyUsage, Criticality.AGNOSTIC, ee_eku)
+          .may_be_present(x509.KeyUsage, Criticality.AGNOSTIC, ee_key_usage))
+    return ca, ee
+
+
 def _validate_chain(cert: x509.Certificate, certs: list[x509.Certificate],
                     roots: list[x509.Certificate], at: _dt.datetime, eku: x509.ObjectIdentifier,
                     what: str) -> list[x509.Certificate]:
-    from cryptography.x509.verification import (
-        Criticality,
-        ExtensionPolicy,
-        PolicyBuilder,
-        Store,
-        VerificationError,
-    )
+    from cryptography.x509.verification import PolicyBuilder, Store, VerificationError
 
-    def require_eku(_policy: Any, _cert: Any, value: Any) -> None:
-        if value is None or eku not in list(value):
-            raise ValueError(f"{what} certificate lacks the {eku._name} extended key usage")
-
-    ee = ExtensionPolicy.permit_all().require_present(
-        x509.ExtendedKeyUsage, Criticality.AGNOSTIC, require_eku)
-    ca = ExtensionPolicy.webpki_defaults_ca()
+    ca, ee = _purpose_policies(eku, what)
     verifier = (PolicyBuilder().store(Store(roots)).time(at.replace(tzinfo=None))
                 .extension_policies(ca_policy=ca, ee_policy=ee).build_client_verifier())
     try:
@@ -338,24 +380,114 @@ def _validate_chain(cert: x509.Certificate, certs: list[x509.Certificate],
     return list(verified.chain)
 
 
+def _ext(obj: Any, cls: type) -> Any:
+    try:
+        return obj.extensions.get_extension_for_class(cls).value
+    except x509.ExtensionNotFound:
+        return None
+
+
+def _dp_names(names: Any, rdn: Any, issuer: x509.Name) -> set[x509.GeneralName]:
+    """A distribution point's names; a relative name is relative to the CRL issuer (RFC 5280)."""
+    if names:
+        return set(names)
+    if rdn:
+        return {x509.DirectoryName(x509.Name([*issuer.rdns, rdn]))}
+    return set()
+
+
+def _crl_unusable(crl: x509.CertificateRevocationList, cert: x509.Certificate,
+                  issuer: x509.Certificate, now: _dt.datetime) -> str | None:
+    """Why ``crl`` cannot say whether ``cert`` is revoked at ``now``, or None if it can.
+
+    A CRL counts only when it is current, handles all of its critical
+    extensions, and its issuing distribution point covers this certificate:
+    the same rules ``openssl verify -crl_check_all`` applies (RFC 5280 6.3.3).
+    """
+    if crl.last_update_utc > now:
+        return f"a CRL is not valid until {rfc3339(crl.last_update_utc)}"
+    if crl.next_update_utc is not None and crl.next_update_utc < now:
+        return f"a CRL is past its nextUpdate ({rfc3339(crl.next_update_utc)})"
+    for ext in crl.extensions:
+        if ext.critical and ext.oid not in _HANDLED_CRL_EXTENSIONS:
+            return f"a CRL has an unhandled critical extension {ext.oid.dotted_string}"
+    ku = _ext(issuer, x509.KeyUsage)
+    if ku is not None and not ku.crl_sign:
+        return "the CRL issuer's key usage lacks cRLSign"
+    idp = _ext(crl, x509.IssuingDistributionPoint)
+    if idp is None:
+        return None
+    bc = _ext(cert, x509.BasicConstraints)
+    is_ca = bc is not None and bc.ca
+    if idp.only_contains_attribute_certs or idp.indirect_crl or idp.only_some_reasons:
+        return "a CRL covers only attribute certificates, other issuers or some reasons"
+    if idp.only_contains_ca_certs and not is_ca:
+        return "a CRL covers only CA certificates"
+    if idp.only_contains_user_certs and is_ca:
+        return "a CRL covers only end-entity certificates"
+    wanted = _dp_names(idp.full_name, idp.relative_name, crl.issuer)
+    if wanted:
+        dps = _ext(cert, x509.CRLDistributionPoints) or []
+        have: set[x509.GeneralName] = set()
+        for dp in dps:
+            if dp.crl_issuer is None:
+                have |= _dp_names(dp.full_name, dp.relative_name, crl.issuer)
+        if not wanted & have:
+            return "a CRL's distribution point is not one the certificate names"
+    return None
+
+
 def _check_crls(chain: list[x509.Certificate], crls: list[x509.CertificateRevocationList],
-                what: str) -> None:
+                what: str, now: _dt.datetime) -> None:
+    """Every certificate below the root needs a complete, current CRL in its scope (as
+    ``-crl_check_all``); a delta CRL alone never counts, but its entries still revoke."""
     for cert, issuer in zip(chain, chain[1:], strict=False):
-        matching = [c for c in crls if c.issuer == issuer.subject
-                    and c.is_signature_valid(issuer.public_key())]  # type: ignore[arg-type]
-        if not matching:
-            raise _Invalid(f"no valid CRL from {issuer.subject.rfc4514_string()} to check the {what} "
-                           "certificate against")
-        for crl in matching:
+        signed = [c for c in crls if c.issuer == issuer.subject
+                  and c.is_signature_valid(issuer.public_key())]  # type: ignore[arg-type]
+        complete, deltas, why = [], [], []
+        for crl in signed:
+            problem = _crl_unusable(crl, cert, issuer, now)
+            if problem is not None:
+                why.append(problem)
+            elif _ext(crl, x509.DeltaCRLIndicator) is not None:
+                deltas.append(crl)
+                why.append("a delta CRL is not a complete CRL")
+            else:
+                complete.append(crl)
+        if not complete:
+            because = f" ({'; '.join(sorted(set(why)))})" if why else ""
+            raise _Invalid(f"no valid CRL from {issuer.subject.rfc4514_string()} to check the "
+                           f"{what} certificate against{because}")
+        for crl in complete + deltas:
             entry = crl.get_revoked_certificate_by_serial_number(cert.serial_number)
-            if entry is not None:
-                raise _Invalid(f"the {what} certificate {format(cert.serial_number, 'x')} is revoked "
-                               f"(since {rfc3339(entry.revocation_date_utc)})")
+            if entry is None:
+                continue
+            for ext in entry.extensions:
+                if ext.critical and ext.oid not in _HANDLED_ENTRY_EXTENSIONS:
+                    raise _Invalid("a CRL entry has an unhandled critical extension")
+            reason = _ext(entry, x509.CRLReason)
+            if reason is not None and reason.reason == x509.ReasonFlags.remove_from_crl:
+                continue
+            raise _Invalid(f"the {what} certificate {format(cert.serial_number, 'x')} is revoked "
+                           f"(since {rfc3339(entry.revocation_date_utc)})")
+
+
+def _same_cert(a: x509.Certificate, b: x509.Certificate) -> bool:
+    der = serialization.Encoding.DER
+    return a.public_bytes(der) == b.public_bytes(der)
 
 
 def _verify_timestamp(token_ci: cms.ContentInfo, signature: bytes,
                       roots: list[x509.Certificate], crls: list[x509.CertificateRevocationList],
-                      ) -> _dt.datetime:
+                      tsa_trust: list[x509.Certificate], now: _dt.datetime,
+                      ) -> tuple[_dt.datetime | None, str | None]:
+    """(the stamp's time, None) for a stamp that may extend validity, else (None, why not).
+
+    Only a pinned TSA's stamp counts: any timeStamping certificate under the
+    root would otherwise vouch for any time, so a leaked signer key could be
+    revived with a forged stamp. A pinned TSA's stamp that does not verify
+    makes the signature invalid.
+    """
     signed = token_ci["content"]
     if token_ci["content_type"].native != "signed_data" or \
             signed["encap_content_info"]["content_type"].native != "tst_info":
@@ -364,13 +496,25 @@ def _verify_timestamp(token_ci: cms.ContentInfo, signature: bytes,
     tst = tsp.TSTInfo.load(tst_der)
     imprint = tst["message_imprint"]
     alg = imprint["hash_algorithm"]["algorithm"].native
-    if hashlib.new(alg, signature).digest() != imprint["hashed_message"].native:
-        raise _Invalid("the time stamp is over a different signature")
+    if alg not in SHA2_IMPRINTS:
+        return None, (f"the time stamp was not used: its message imprint uses {str(alg)[:32]} "
+                      "(only SHA-256, SHA-384 and SHA-512 are accepted)")
+    if not tsa_trust:
+        return None, ("the time stamp was not used: no time-stamping authority is pinned "
+                      "(pass --tsa-trust CERT, or verify in a home that has a TSA)")
     si = signed["signer_infos"][0]
     certs = _load_certs(signed)
     tsa_cert = _find_signer(si, certs)
+    if not any(_same_cert(tsa_cert, pin) for pin in tsa_trust):
+        return None, (f"the time stamp was not used: it is signed by "
+                      f"{show(tsa_cert.subject.rfc4514_string())}, not the pinned "
+                      "time-stamping authority")
+    if hashlib.new(alg, signature).digest() != imprint["hashed_message"].native:
+        raise _Invalid("the time stamp is over a different signature")
     md = _attr(si, "message_digest")
     dalg = si["digest_algorithm"]["algorithm"].native
+    if dalg not in HASHES:
+        raise _Invalid(f"the time-stamp token's digest algorithm {str(dalg)[:32]} is not accepted")
     if md is None or hashlib.new(dalg, tst_der).digest() != md.native:
         raise _Invalid("the time-stamp token's content digest does not match")
     _check_signature(si, tsa_cert)
@@ -378,17 +522,25 @@ def _verify_timestamp(token_ci: cms.ContentInfo, signature: bytes,
     chain = _validate_chain(tsa_cert, certs, roots, gen_time, ExtendedKeyUsageOID.TIME_STAMPING,
                             "time-stamping authority")
     if crls:
-        _check_crls(chain, crls, "time-stamping authority")
-    return gen_time
+        _check_crls(chain, crls, "time-stamping authority", now)
+    return gen_time, None
 
 
 def verify_file(path: str, sig_path: str, trust: list[x509.Certificate],
                 crls: list[x509.CertificateRevocationList] | None = None,
-                at: _dt.datetime | None = None) -> Verdict:
-    """Check digest, signature, chain to ``trust`` with codeSigning, revocation and time stamp."""
+                at: _dt.datetime | None = None,
+                tsa_trust: list[x509.Certificate] | None = None) -> Verdict:
+    """Check digest, signature, chain to ``trust`` with codeSigning, revocation and time stamp.
+
+    A time stamp moves the signer's validation to its time only when it comes
+    from a TSA in ``tsa_trust`` (pinned); otherwise the signature is judged at
+    ``at`` (or now) and the verdict's notes say why the stamp was not used.
+    CRLs must be current at ``at`` (or now), whatever time the chain is judged at.
+    """
     from hsm_ca.fileio import SIGNATURE_BYTES, InputError, read_regular_file
 
     crls = crls or []
+    notes: list[str] = []
     try:
         try:
             sig_der = read_regular_file(sig_path, SIGNATURE_BYTES, "signature file")
@@ -427,22 +579,29 @@ def verify_file(path: str, sig_path: str, trust: list[x509.Certificate],
         _check_ess(si, cert)
         signing_time = _attr(si, "signing_time")
         verdict = Verdict(True, "valid", signer=cert.subject.rfc4514_string(),
-                          signing_time=rfc3339(signing_time.native) if signing_time else None)
-        when = at or _dt.datetime.now(_dt.UTC)
+                          signing_time=rfc3339(signing_time.native) if signing_time else None,
+                          notes=notes)
+        now = at or _dt.datetime.now(_dt.UTC)
+        when = now
         token = _attr(si, "signature_time_stamp_token", unsigned=True)
         if token is not None:
-            ts_time = _verify_timestamp(token, si["signature"].native, trust, crls)
-            verdict.timestamp = rfc3339(ts_time)
-            if ts_time > when + _dt.timedelta(minutes=5):
-                raise _Invalid("the time stamp is in the future")
-            when = ts_time
-            verdict.notes.append(f"signer certificate validated at the time stamp {rfc3339(ts_time)}")
+            ts_time, unused = _verify_timestamp(token, si["signature"].native, trust, crls,
+                                                tsa_trust or [], now)
+            if ts_time is None:
+                notes.append(str(unused))
+            else:
+                verdict.timestamp = rfc3339(ts_time)
+                if ts_time > now + _dt.timedelta(minutes=5):
+                    raise _Invalid("the time stamp is in the future")
+                when = ts_time
+                notes.append(f"signer certificate validated at the time stamp {rfc3339(ts_time)}")
         chain = _validate_chain(cert, certs, trust, when, ExtendedKeyUsageOID.CODE_SIGNING, "signer")
         if crls:
-            _check_crls(chain, crls, "signer")
+            _check_crls(chain, crls, "signer", now)
         return verdict
     except _Invalid as e:
-        return Verdict(False, str(e))
+        unused = [n for n in notes if n.startswith("the time stamp was not used")]
+        return Verdict(False, "; ".join([str(e), *unused]), notes=notes)
     except (ValueError, TypeError, KeyError, AttributeError, IndexError) as e:
         # asn1crypto parses lazily: malformed parts surface wherever they are first touched
         return Verdict(False, f"the signature is malformed ({type(e).__name__})")

@@ -154,9 +154,22 @@ def _stderr_console() -> object:
     default=None,
     help="Verify as of this UTC time instead of now.",
 )
+@click.option(
+    "--tsa-trust",
+    "tsa_pem",
+    type=click.Path(dir_okay=False),
+    metavar="CERT",
+    help="The time-stamping authority whose stamps extend validity, PEM "
+    "(default: the home's TSA; without one, time stamps are not used).",
+)
 @json_flag
 def codesign_verify(
-    file: str, sigfile: str, trust_pem: str, crl_files: tuple[str, ...], at_time: object
+    file: str,
+    sigfile: str,
+    trust_pem: str,
+    crl_files: tuple[str, ...],
+    at_time: object,
+    tsa_pem: str | None,
 ) -> None:
     """Verify a detached signature; exit 0 if valid, 1 with the reason if not."""
     import datetime as dt
@@ -183,7 +196,7 @@ def codesign_verify(
         except ValueError as e:
             raise UsageError(f"{f} is not a CRL") from e
     at = at_time.replace(tzinfo=dt.UTC) if isinstance(at_time, dt.datetime) else None
-    verdict = verify_file(file, sigfile, roots, crls, at)
+    verdict = verify_file(file, sigfile, roots, crls, at, tsa_trust=_pinned_tsa(tsa_pem))
     if state().as_json:
         emit_json(verdict.as_dict())
     elif verdict.ok:
@@ -191,9 +204,38 @@ def codesign_verify(
             f"Valid signature by {verdict.signer}"
             + (f", time-stamped {verdict.timestamp}" if verdict.timestamp else "")
         )
+        for note in verdict.notes:
+            if note.startswith("the time stamp was not used"):
+                click.echo(f"Note: {note}")
     if not verdict.ok:
         click.echo(f"Error: invalid signature: {verdict.reason}", err=True)
         raise click.exceptions.Exit(1)
+
+
+def _pinned_tsa(tsa_pem: str | None) -> list[object]:
+    """``--tsa-trust CERT``, else the home's TSA certificates, else none (stamps unused).
+
+    Verification needs no home: without one (and without the option) a time
+    stamp cannot extend validity, since any timeStamping certificate under the
+    root could otherwise vouch for any time.
+    """
+    from cryptography import x509
+
+    from hsm_ca.config import CONFIG_FILE
+    from hsm_ca.errors import UsageError
+
+    if tsa_pem is not None:
+        try:
+            return list(
+                x509.load_pem_x509_certificates(read_input_file(tsa_pem, what="TSA trust file"))
+            )
+        except ValueError as e:
+            raise UsageError(f"{tsa_pem} holds no PEM certificate") from e
+    st = state()
+    if not (st.home / CONFIG_FILE).exists():
+        return []
+    rows = st.authority().store.all_rows("tsa", "name")
+    return [x509.load_pem_x509_certificate(r["pem"].encode()) for r in rows]
 
 
 # ---------------------------------------------------------------------- TSA
