@@ -217,7 +217,8 @@ class OcspResponder:
         self._ca_count: Any = None
         self._signers: dict[str, _Signer] = {}
         # the whole CertID (CA, hash algorithm, issuer name hash, issuer key hash, serial)
-        # -> (expires, answer), for issued certificates only, in expiry order. An answer
+        # -> (expires, answer), for issued certificates only, in expiry order (but for
+        # answers kept shorter because their signer expires sooner). An answer
         # names the CertID it was asked with, so one asked by SHA-384 is no answer to a
         # SHA-1 request (openssl: "No Status found"; a soft-failing client then accepts).
         self._cache: OrderedDict[_CacheKey, tuple[float, OcspAnswer]] = OrderedDict()
@@ -371,7 +372,15 @@ class OcspResponder:
             if hit := self._cached(key, now_mono):
                 return hit
         now = _dt.datetime.now(_dt.UTC).replace(microsecond=0)
-        next_update = now + self.validity
+        signer = self._signer(ca_name)
+        # Nothing is vouched for past the signing certificate's expiry or the CA's (as a
+        # CRL's nextUpdate is capped), nor served from the cache after it: a client
+        # rejects an answer whose signer has expired, and a soft-failing one accepts.
+        ends = [signer.ca.certificate.not_valid_after_utc]
+        if signer.responder_cert is not None:
+            ends.append(signer.responder_cert.not_valid_after_utc)
+        next_update = max(now, min(now + self.validity, *ends))
+        keep = min(float(self.cache_seconds), (min(ends) - now).total_seconds())
         revocation_time = None
         reason = None
         if status_row is None:
@@ -382,7 +391,6 @@ class OcspResponder:
             reason = reason_flag(status_row[2]) if status_row[2] != "unspecified" else None
         else:
             cert_status, label = ocsp.OCSPCertStatus.GOOD, "good"
-        signer = self._signer(ca_name)
         builder = ocsp.OCSPResponseBuilder().add_response_by_hash(
             issuer_name_hash=req.issuer_name_hash, issuer_key_hash=req.issuer_key_hash,
             serial_number=req.serial_number, algorithm=req.hash_algorithm,
@@ -406,9 +414,9 @@ class OcspResponder:
         )
         self.authority.maybe_checkpoint()
         answer = OcspAnswer(der, nonce is None, now, next_update, label)
-        if nonce is None and shareable and self._has_room(key, now_mono):
+        if nonce is None and shareable and keep > 0 and self._has_room(key, now_mono):
             self._cache.pop(key, None)  # re-inserted at the end: the order stays expiry order
-            self._cache[key] = (now_mono + self.cache_seconds, answer)
+            self._cache[key] = (now_mono + keep, answer)
         return answer
 
 

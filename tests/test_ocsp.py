@@ -264,3 +264,33 @@ def test_a_revoked_delegated_responder_stops_signing(responder: tuple[OcspRespon
             assert resp.response_status == ocsp.OCSPResponseStatus.SUCCESSFUL
             assert resp.certificates == [] and resp.responder_key_hash == ca_key_hash
             assert resp.certificate_status == ocsp.OCSPCertStatus.GOOD
+
+
+def test_next_update_and_the_cache_end_with_the_signers_certificate(pki: Cli) -> None:
+    """An answer must not vouch past its signer's expiry (as a CRL's nextUpdate is capped at
+    the CA's): not past a delegated responder's certificate, nor past the CA's; and it is
+    not served from the cache after that either (clients reject an expired signer)."""
+    import datetime as dt
+    import time
+
+    auth = Authority(load_config(pki.home), pin=lambda: USER_PIN)
+    try:
+        r = OcspResponder(auth, cache_seconds=10 * 86400, validity=dt.timedelta(days=3))
+        issuer, cert = _issuer(pki), _issue(pki, "short-signer")
+        info = json.loads(pki.ok("--json", "ca", "ocsp-responder", "issuing", "--days", "1").out)
+        resp = ocsp.load_der_ocsp_response(r.respond(_request(cert, issuer)).der)
+        responder_cert = resp.certificates[0]
+        assert format(responder_cert.serial_number, "x") == info["serial"]
+        assert resp.next_update_utc == responder_cert.not_valid_after_utc
+        left = (responder_cert.not_valid_after_utc - dt.datetime.now(dt.UTC)).total_seconds()
+        (expires, _answer), = r._cache.values()
+        assert expires - time.monotonic() <= left + 1  # not the ten days asked for
+
+        pki.ok("ca", "create-intermediate", "short", "--parent", "root",
+               "--subject", "CN=Short-lived CA,O=Test", "--days", "2")
+        short = _issuer(pki, "short")
+        resp = ocsp.load_der_ocsp_response(r.respond(_by_serial(0xABCDEF0123, short)).der)
+        assert resp.certificates == [] and resp.certificate_status == ocsp.OCSPCertStatus.UNKNOWN
+        assert resp.next_update_utc == short.not_valid_after_utc
+    finally:
+        auth.close()
