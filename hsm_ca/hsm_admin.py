@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
+from hsm_ca import kdf
 from hsm_ca.config import (
     CONFIG_FILE,
     DB_FILE,
@@ -40,6 +41,7 @@ from hsm_ca.errors import (
     HsmCaError,
     LockedOut,
     LoginFailed,
+    PolicyViolation,
     Tampered,
     UsageError,
 )
@@ -51,7 +53,9 @@ if TYPE_CHECKING:
 
 BACKUP_MAGIC = b"HSMCA-BACKUP-1\n"
 BACKUP_SCRYPT_N = 2**16
-MIN_BACKUP_N, MAX_BACKUP_N = 2**10, 2**18  # 2**18 * 128 * r=8 bytes = 256 MiB of scrypt memory
+# at least a production keystore's cost (kdf.MIN_BACKUP_N says why); at most
+# 2**18 * 128 * r=8 bytes = 256 MiB of scrypt memory
+MIN_BACKUP_N, MAX_BACKUP_N = kdf.MIN_BACKUP_N, 2**18
 
 
 def _record(authority: Authority, action: str, outcome: str, **fields: Any) -> None:
@@ -147,8 +151,7 @@ def add_node(authority: Authority, so_pin: str, path: Path) -> list[dict[str, An
 
 # ------------------------------------------------------------------- backup
 def _kdf(pin: str, salt: bytes, n: int) -> bytes:
-    return hashlib.scrypt(pin.encode(), salt=salt, n=n, r=8, p=1, maxmem=512 * 1024 * 1024,
-                          dklen=32)
+    return kdf.derive(pin, salt, n, 8, 1)
 
 
 def _snapshot_db(path: Path) -> bytes:
@@ -213,6 +216,18 @@ def _check_backup_n(n: int, error: type[HsmCaError]) -> None:
         raise error(f"backup scrypt cost must be a power of two from {MIN_BACKUP_N} to {MAX_BACKUP_N}")
 
 
+def _check_restored_n(n: int) -> None:
+    """A backup whose own KDF is cheaper than the minimum is refused, not opened: whatever
+    made it (an old version, or someone re-encrypting it) left it open to offline guessing,
+    and restoring it would vouch for it. Any other cost out of range is a damaged header."""
+    if kdf.MIN_N <= n < MIN_BACKUP_N and not n & (n - 1):
+        raise PolicyViolation(
+            f"the backup's key derivation is too weak (scrypt n={n}, at least {MIN_BACKUP_N} "
+            "is required); make a new backup with 'hsm backup' on the original home"
+        )
+    _check_backup_n(n, Tampered)
+
+
 def _open_backup(blob: bytes, so_pin: str) -> dict[str, bytes]:
     if not blob.startswith(BACKUP_MAGIC):
         raise ConfigError("not an hsm-ca backup file")
@@ -225,8 +240,11 @@ def _open_backup(blob: bytes, so_pin: str) -> dict[str, bytes]:
         n, salt, nonce = int(params["n"]), bytes.fromhex(params["salt"]), bytes.fromhex(params["nonce"])
         if params.get("kdf") != "scrypt":
             raise ValueError("KDF")
-        _check_backup_n(n, Tampered)  # bounded before use: the header is authenticated only after
     except (ValueError, KeyError, TypeError) as e:
+        raise Tampered("the backup's header is damaged") from e
+    try:
+        _check_restored_n(n)  # bounded before use: the header is authenticated only after
+    except Tampered as e:
         raise Tampered("the backup's header is damaged") from e
     try:
         payload = AESGCM(_kdf(so_pin, salt, n)).decrypt(nonce, blob[end:], header)

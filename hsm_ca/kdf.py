@@ -19,6 +19,12 @@ MAX_P = 16
 # 128 * n * r bytes of scrypt memory, times p for its work: 256 MiB is n = 2**18 at r = 8,
 # about a second of one core
 MAX_WORK = 256 * 1024 * 1024
+# A backup leaves the CA host and is attacked offline, with no lockout and no file
+# permissions in the way: its KDF never costs less than a production keystore's
+# (keystore.DEFAULT_SCRYPT_N). MIN_N stays lower because 'init --scrypt-n' may make a
+# cheap keystore for tests; a backup's cost is its own, chosen by 'hsm backup', so a
+# backup of such a test home is still made (and accepted) only at this cost or more.
+MIN_BACKUP_N = 2**14
 
 
 def scrypt_problem(n: object, r: object, p: object) -> str | None:

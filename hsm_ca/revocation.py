@@ -176,14 +176,15 @@ def sign_crl(authority: Authority, ca_name: str, *, delta: bool = False) -> CrlR
     with store.transaction():
         # the time is taken once the write lock is held, so a higher CRL number never
         # carries an earlier thisUpdate, nor lists a revocation dated after it
-        now = _dt.datetime.now(_dt.UTC).replace(microsecond=0)
+        exact = _dt.datetime.now(_dt.UTC)  # also what the CRL number is derived from
+        now = exact.replace(microsecond=0)
         next_update = min(now + _dt.timedelta(days=profile.crl_next_update_days), ca.not_after)
         base_row = store.latest_crl(ca_name) if delta else None
         if delta and base_row is None:
             raise PolicyViolation(
                 f"CA {ca_name!r} has no full CRL yet to base a delta CRL on; run 'hsm-ca crl {ca_name}'"
             )
-        number = store.next_crl_number(ca_name)
+        number = store.next_crl_number(ca_name, exact)  # above any signed before a restore
         epoch = store.revocation_epoch()
         # A delta lists every revocation, its base's too (RFC 5280 section 5.2.4 lets a
         # delta repeat entries of its base): OpenSSL without -extended_crl takes the

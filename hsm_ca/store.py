@@ -9,6 +9,7 @@ versioned and migrated forward in one transaction.
 from __future__ import annotations
 
 import contextlib
+import datetime as _dt
 import json
 import os
 import sqlite3
@@ -22,6 +23,7 @@ if TYPE_CHECKING:
     import sqlite_utils
 
 SCHEMA_VERSION = 4
+_EPOCH = _dt.datetime(1970, 1, 1, tzinfo=_dt.UTC)
 
 
 def _migration_1(db: sqlite_utils.Database) -> None:
@@ -388,9 +390,21 @@ class Store:
         ).fetchone()
         return (row[0], row[1], row[2]) if row else None
 
-    def next_crl_number(self, ca: str) -> int:
-        """Reserve the CA's next CRL number (call inside a transaction; never reused)."""
-        self.conn.execute("UPDATE cas SET crl_number = crl_number + 1 WHERE name=?", (ca,))
+    def next_crl_number(self, ca: str, now: _dt.datetime) -> int:
+        """Reserve the CA's next CRL number (call inside a transaction; never reused).
+
+        The number is derived from time, as large CAs do: the larger of the last one plus
+        one and ``now`` in microseconds since 1970. A counter alone repeats after a restore
+        of an older backup (the restored database never saw the CRLs signed after it, but
+        relying parties did); the clock has moved on, so a time-derived number exceeds every
+        number signed before without the CA having to know them. The write lock of the
+        transaction keeps the numbers strictly increasing under concurrency, and "plus one"
+        keeps them so if the clock steps back. Microseconds fit SQLite's 64-bit integers
+        for some 290,000 years and stay far below RFC 5280's 20 octets.
+        """
+        floor = (now - _EPOCH) // _dt.timedelta(microseconds=1)
+        self.conn.execute("UPDATE cas SET crl_number = max(crl_number + 1, ?) WHERE name=?",
+                          (floor, ca))
         return int(self.conn.execute("SELECT crl_number FROM cas WHERE name=?", (ca,)).fetchone()[0])
 
     def insert_crl(self, row: dict[str, Any]) -> None:

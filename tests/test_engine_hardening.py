@@ -332,7 +332,7 @@ def test_a_restore_killed_at_any_instant_leaves_no_staging_and_no_unrecorded_hom
     soft_pki: Cli, tmp_path: Path
 ) -> None:
     backup = tmp_path / "ca.backup"
-    soft_pki.ok("hsm", "backup", "-o", str(backup), "--scrypt-n", "1024")
+    soft_pki.ok("hsm", "backup", "-o", str(backup), "--scrypt-n", "16384")
     parent = tmp_path / "restores"
     parent.mkdir()
     home = parent / "restored"

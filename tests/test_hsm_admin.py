@@ -36,7 +36,7 @@ OFFICER = "admin"
 ALICE_PIN = "alice-pin-0001"
 ALICE_PIN2 = "alice-pin-0002"
 AUDITOR_PIN = "auditor-pin-0003"
-SCRYPT = ("--scrypt-n", "1024")
+SCRYPT = ("--scrypt-n", "16384")  # the least a backup may cost (kdf.MIN_BACKUP_N)
 
 
 # ------------------------------------------------------------------ helpers
