@@ -567,3 +567,53 @@ def test_expired_but_timestamped(env: Env) -> None:
     assert abs(
         dt.datetime.fromisoformat(verdict["timestamp"].replace("Z", "+00:00")) - gen_time
     ) < dt.timedelta(seconds=1)
+
+
+# ------------------------------- issue 14 finding 2: a home's delta CRL, its TSA pinned
+def test_delta_crl_alone_is_not_complete(env: Env) -> None:
+    """Revoked before the full CRL, so only the full one lists it: the delta alone says nothing."""
+    info = new_signer(env, "delta-kc")
+    file = artifact(env, "delta-kc.bin")
+    hsm(env.home, "codesign", "sign", str(file), "--signer", "delta-kc")
+    sig = Path(f"{file}.p7s")
+    hsm(env.home, "revoke", info["serial"], "--reason", "keyCompromise")
+    full, delta, root_crl = (env.dir / n for n in ("dk-full.crl", "dk-delta.crl", "dk-root.crl"))
+    hsm(env.home, "crl", "issuing", "-o", str(full))
+    hsm(env.home, "crl", "issuing", "--delta", "-o", str(delta))
+    hsm(env.home, "crl", "root", "-o", str(root_crl))
+    for crls, word in (([delta], "delta CRL is not a complete CRL"), ([full], "revoked"),
+                       ([full, delta], "revoked")):
+        args = [a for c in [root_crl, *crls] for a in ("--crl", str(c))]
+        code, output = ours(env, file, sig, *args)
+        assert code == 1 and word in output, output
+        cafile = env.dir / "dk-ca.pem"
+        cafile.write_text("".join(p.read_text() for p in [env.pki.root, root_crl, *crls]))
+        code, output = cms_verify(file, sig, cafile, "-crl_check_all", "-extended_crl")
+        assert code != 0, output
+
+
+def test_home_tsa_is_the_pinned_one(env: Env, tmp_path: Path) -> None:
+    """In the home its TSA is pinned; elsewhere only ``--tsa-trust`` pins one, else unused."""
+    new_signer(env, "pin-short", "ec-p256", "--days", "1")
+    file = artifact(env, "pin-short.bin")
+    sig = env.dir / "pin-short.p7s"
+    hsm(env.home, "codesign", "sign", str(file), "--signer", "pin-short", "--timestamp",
+        "-o", str(sig))
+    later = (dt.datetime.now(dt.UTC) + dt.timedelta(days=30)).strftime(AT_FORMAT)
+    assert ours(env, file, sig, "--at", later)[0] == 0  # in the home: its TSA
+    nowhere = tmp_path / "not-a-home"
+    base = ["codesign", "verify", str(file), str(sig), "--trust", str(env.pki.root),
+            "--at", later]
+    r = run_process(nowhere, *base)
+    assert r.returncode == 1 and "the time stamp was not used" in r.stderr, r.stderr
+    assert "--tsa-trust" in r.stderr and r.stderr.count("\n") == 1
+    r = run_process(nowhere, *base, "--tsa-trust", str(env.tsa_pem))
+    assert r.returncode == 0 and "time-stamped" in r.stdout, r.stderr
+    # pinning another certificate (the issuing CA's) leaves the stamp unused
+    r = run_process(nowhere, *base, "--tsa-trust", str(env.pki.issuing))
+    assert r.returncode == 1 and "not the pinned" in r.stderr, r.stderr
+    # today, unpinned, the signer is still valid and the output says the stamp was not used
+    r = run_process(nowhere, *base[:-2])
+    assert r.returncode == 0 and "Note: the time stamp was not used" in r.stdout, r.stdout
+    r = run_process(nowhere, *base[:-2], "--tsa-trust", str(tmp_path / "missing.pem"))
+    assert r.returncode in (1, 2) and r.stderr.startswith("Error: "), r.stderr
