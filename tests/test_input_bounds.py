@@ -120,6 +120,9 @@ _NOT_REGULAR = [
     ("codesign-verify-crl-dev-zero", lambda d: (
         "codesign", "verify", str(d / "a.txt"), str(d / "a.txt.p7s"), "--trust",
         str(d / "root.pem"), "--crl", "/dev/zero")),
+    ("codesign-verify-tsa-trust-fifo", lambda d: (
+        "codesign", "verify", str(d / "a.txt"), str(d / "a.txt.p7s"), "--trust",
+        str(d / "root.pem"), "--tsa-trust", str(d / "fifo"))),
     ("pin-file-dev-zero", lambda d: ("--pin-file", "/dev/zero", "crl", "issuing")),
     ("pin-file-fifo", lambda d: ("--pin-file", str(d / "fifo"), "crl", "issuing")),
     ("audit-verify-dev-zero", lambda d: (
