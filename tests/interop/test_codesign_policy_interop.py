@@ -247,11 +247,12 @@ def openssl_has_codesign_purpose() -> bool:
     return "codesign" in (r.stdout + r.stderr)
 
 
-def openssl_verdict(w: World, sig: Path, crls: list[str], attime: dt.datetime | None) -> bool:
+def openssl_verdict(w: World, sig: Path, crls: list[str], attime: dt.datetime | None,
+                    purpose: str | None = None) -> bool:
     cafile = w.dir / f"ca-{'-'.join(crls) or 'none'}.pem"
     cafile.write_text(w.parties["root"].pem.read_text()
                       + "".join(w.crls[c].read_text() for c in crls))
-    purpose = "codesign" if openssl_has_codesign_purpose() else "any"
+    purpose = purpose or ("codesign" if openssl_has_codesign_purpose() else "any")
     args: list[str | Path] = ["cms", "-verify", "-binary", "-inform", "DER", "-content",
                               str(w.data), "-in", sig, "-CAfile", cafile, "-purpose", purpose,
                               "-out", "/dev/null"]
@@ -357,3 +358,28 @@ def test_rogue_stamp_would_revive_the_signer(world: World) -> None:
     sig = _sign(world, "expired", stamp="rogue-tsa")
     assert openssl_verdict(world, sig, list(FULL), STAMP_TIME)
     assert not ours(world, sig, list(FULL), "--tsa-trust", str(world.parties["tsa"].pem))[0]
+
+
+@pytest.mark.parametrize("ca_eku", ["none", "purpose only", "TLS only"])
+def test_intermediate_eku_rule_is_openssls(world: World, ca_eku: str) -> None:
+    """The CA EKU rule is openssl's own, seen through a purpose this openssl has.
+
+    ``-purpose smimesign`` refuses an intermediate whose EKU extension lacks
+    emailProtection, as hsm-ca refuses one lacking codeSigning: the same chain
+    built for each purpose gets the same verdict from both verifiers.
+    """
+    p, d = world.parties, world.dir
+    verdicts = {}
+    for purpose, eku in (("codesign", CS), ("smimesign", ExtendedKeyUsageOID.EMAIL_PROTECTION)):
+        ekus = {"none": None, "purpose only": [eku], "TLS only": TLS}[ca_eku]
+        ca_name, leaf_name = f"mirror-ca-{purpose}-{ca_eku}", f"mirror-{purpose}-{ca_eku}"
+        p[ca_name] = _make(d, ca_name, p["root"], ca=True, eku=ekus)
+        p[leaf_name] = _make(d, leaf_name, p[ca_name], ca=False, eku=[eku],
+                             ku={"digital_signature": True})
+        sig = _sign(world, leaf_name, ca_name)
+        if purpose == "codesign":
+            verdicts[purpose] = ours(world, sig, [])[0]
+        else:
+            verdicts[purpose] = openssl_verdict(world, sig, [], None, purpose="smimesign")
+    assert verdicts["codesign"] == verdicts["smimesign"], verdicts
+    assert verdicts["codesign"] == (ca_eku != "TLS only")
