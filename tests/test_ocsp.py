@@ -294,3 +294,11 @@ def test_next_update_and_the_cache_end_with_the_signers_certificate(pki: Cli) ->
         assert resp.next_update_utc == short.not_valid_after_utc
     finally:
         auth.close()
+
+
+def test_an_empty_nonce_is_malformed(responder: tuple[OcspResponder, Cli]) -> None:
+    """RFC 8954: a nonce is 1 to 32 octets (128 accepted here); an empty one is malformed, not
+    an answer signed afresh to echo nothing (the lower bound had no test)."""
+    r, cli = responder
+    resp = ocsp.load_der_ocsp_response(r.respond(_request(_issue(cli, "e"), _issuer(cli), b"")).der)
+    assert resp.response_status == ocsp.OCSPResponseStatus.MALFORMED_REQUEST and r.signatures == 0

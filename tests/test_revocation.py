@@ -182,3 +182,27 @@ def test_crl_next_update_is_capped_at_the_cas_expiry(pki: Cli) -> None:
         assert crl.next_update_utc == ca.not_valid_after_utc.replace(microsecond=0), args
     assert _crl(pki, "issuing").next_update_utc - _crl(pki, "issuing").last_update_utc == \
         dt.timedelta(days=7)  # the cap binds only a CA that expires sooner
+
+
+def test_published_crl_is_re_signed_after_a_revocation(pki: Cli, tmp_path: Path) -> None:
+    """The stored CRL the server publishes is kept while fresh only if nothing was revoked
+    since it was signed: the revocation epoch is part of what the cached answer depends on."""
+    from conftest import USER_PIN
+
+    from hsm_ca.authority import Authority
+    from hsm_ca.config import load_config
+    from hsm_ca.revocation import current_crl
+
+    serial = _leaf(pki, tmp_path, "late")
+    auth = Authority(load_config(pki.home), pin=lambda: USER_PIN)
+    try:
+        for delta in (False, True):
+            current_crl(auth, "issuing", delta=delta)
+        first = current_crl(auth, "issuing")
+        assert current_crl(auth, "issuing") == first  # fresh and unchanged: the stored one
+        pki.ok("revoke", serial, "--reason", "keyCompromise")  # another connection
+        for delta in (False, True):
+            crl = x509.load_der_x509_crl(current_crl(auth, "issuing", delta=delta))
+            assert crl.get_revoked_certificate_by_serial_number(int(serial, 16)) is not None
+    finally:
+        auth.close()
