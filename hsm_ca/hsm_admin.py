@@ -169,15 +169,24 @@ def _snapshot_db(path: Path) -> bytes:
 
 
 def backup(authority: Authority, so_pin: str, output: OutputFile | str | Path, *,
-           scrypt_n: int = BACKUP_SCRYPT_N) -> dict[str, Any]:
+           scrypt_n: int | None = None) -> dict[str, Any]:
     """Write an encrypted, authenticated backup of the partition and the database.
 
     ``output`` is best the ``OutputFile`` the caller checked before asking for
     the officer PIN: the backup is written through it (a FIFO stays the one
     opened, a regular file is replaced atomically); a path is checked here.
+    The backup's scrypt cost (default BACKUP_SCRYPT_N) is never below
+    MIN_BACKUP_N nor below the partition's own: the backup carries the
+    partition, and guessing the officer PIN must not get cheaper offline.
     """
     dest = output if isinstance(output, OutputFile) else OutputFile(output, 0o600, "backup file")
+    own = _partition_n(_soft(authority))
+    if scrypt_n is None:
+        scrypt_n = max(BACKUP_SCRYPT_N, own)
     _check_backup_n(scrypt_n, UsageError)
+    if scrypt_n < own:
+        raise UsageError(f"backup scrypt cost {scrypt_n} is below the partition's own ({own}); "
+                         f"use --scrypt-n {own} or more")
     engine = officer_login(authority, so_pin)
     cfg = authority.config
     db = _snapshot_db(cfg.db_path)  # the database first: the keystore is then never older
@@ -209,6 +218,13 @@ def backup(authority: Authority, so_pin: str, output: OutputFile | str | Path, *
     _record(authority, "backup", "ok", detail=f"to {Path(dest.path).name}",
             object_sha256=hashlib.sha256(blob).hexdigest())
     return {"file": dest.path, "bytes": len(blob), "files": sorted(files)}
+
+
+def _partition_n(engine: SoftEngine) -> int:
+    """The scrypt cost of the partition's own PIN derivation (read before any login)."""
+    params = engine._read().get("kdf")
+    n = params.get("n") if isinstance(params, dict) else None
+    return n if isinstance(n, int) else 0  # the keystore's read bounds it already
 
 
 def _check_backup_n(n: int, error: type[HsmCaError]) -> None:

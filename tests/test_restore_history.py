@@ -165,3 +165,17 @@ def test_a_backup_with_a_weak_kdf_is_refused_and_none_is_made(
         assert r.code == 2 and r.err.startswith("Error:") and not out.exists(), (n, r.err)
     header = json.loads(backup.read_bytes().split(b"\n")[1])
     assert header["n"] == MIN_BACKUP_N == getattr(kdf, "MIN_BACKUP_N", None)
+
+
+def test_a_backup_is_never_cheaper_than_the_partition_it_carries(cli: Cli, tmp_path: Path) -> None:
+    """The backup holds the partition: guessing the officer PIN offline must not get
+    cheaper than against the keystore itself, whatever --scrypt-n says."""
+    own = 2 * MIN_BACKUP_N
+    cli.ok("init", "--scrypt-n", str(own))
+    cheap = tmp_path / "cheap.backup"
+    r = cli("hsm", "backup", "-o", str(cheap), "--scrypt-n", str(MIN_BACKUP_N))
+    assert r.code == 2 and r.err.startswith("Error:") and str(own) in r.err, r.err
+    assert len(r.err.strip().splitlines()) == 1 and not cheap.exists()
+    default = tmp_path / "default.backup"
+    cli.ok("hsm", "backup", "-o", str(default))
+    assert json.loads(default.read_bytes().split(b"\n")[1])["n"] == 2**16

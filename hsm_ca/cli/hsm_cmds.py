@@ -161,14 +161,15 @@ def hsm_user_change_pin(name: str, new_pin_file: str | None, so_pin_file: str | 
     type=int,
     default=None,
     metavar="N",
-    help="scrypt cost of the backup key (default 65536).",
+    help="scrypt cost of the backup key (default 65536, or the partition's own if higher; "
+    "at least 16384 and the partition's own).",
 )
 @so_pin_option
 @json_flag
 def hsm_backup(output: str, scrypt_n: int | None, so_pin_file: str | None) -> None:
     """Write the partition and the database, encrypted under the officer PIN."""
     from hsm_ca.fileio import OutputFile
-    from hsm_ca.hsm_admin import BACKUP_SCRYPT_N, backup
+    from hsm_ca.hsm_admin import backup
 
     st = state()
     # checked before the officer login, the KDF and the snapshot: a backup that cannot be
@@ -177,8 +178,7 @@ def hsm_backup(output: str, scrypt_n: int | None, so_pin_file: str | None) -> No
     dest = OutputFile(output, 0o600, what="backup file")
     click.get_current_context().call_on_close(dest.close)
     with translate_os_errors(f"cannot write {output}"):
-        info = backup(st.authority(), _so_pin(so_pin_file), dest,
-                      scrypt_n=scrypt_n or BACKUP_SCRYPT_N)
+        info = backup(st.authority(), _so_pin(so_pin_file), dest, scrypt_n=scrypt_n)
     if st.as_json:
         emit_json(info)
     else:
