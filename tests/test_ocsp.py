@@ -302,3 +302,37 @@ def test_an_empty_nonce_is_malformed(responder: tuple[OcspResponder, Cli]) -> No
     r, cli = responder
     resp = ocsp.load_der_ocsp_response(r.respond(_request(_issue(cli, "e"), _issuer(cli), b"")).der)
     assert resp.response_status == ocsp.OCSPResponseStatus.MALFORMED_REQUEST and r.signatures == 0
+
+
+class _TwoDaysLater(__import__("datetime").datetime):
+    """``datetime`` whose now() is two days ahead (patched into hsm_ca.ocsp only)."""
+
+    @classmethod
+    def now(cls, tz=None):  # type: ignore[no-untyped-def, override]
+        import datetime as dt
+
+        return dt.datetime.now(tz) + dt.timedelta(days=2)
+
+
+def test_an_expired_delegated_responder_stops_signing(
+    responder: tuple[OcspResponder, Cli], monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Once the responder's certificate has expired the CA key answers, in a responder that
+    had cached the delegated signer and in a new one (neither expiry check had a test)."""
+    import datetime as dt
+    import types
+
+    import hsm_ca.ocsp
+
+    r, cli = responder
+    issuer, cert = _issuer(cli), _issue(cli, "ex")
+    cli.ok("ca", "ocsp-responder", "issuing", "--days", "1")
+    resp = ocsp.load_der_ocsp_response(r.respond(_request(cert, issuer, b"n1")).der)
+    assert len(resp.certificates) == 1  # the delegated responder signs, and is cached
+    monkeypatch.setattr(hsm_ca.ocsp, "_dt", types.SimpleNamespace(
+        datetime=_TwoDaysLater, UTC=dt.UTC, timedelta=dt.timedelta))
+    ca_key_hash = x509.SubjectKeyIdentifier.from_public_key(issuer.public_key()).digest  # type: ignore[arg-type]
+    for fresh in (r, OcspResponder(r.authority, cache_seconds=300)):
+        resp = ocsp.load_der_ocsp_response(fresh.respond(_request(cert, issuer, b"n2")).der)
+        assert resp.response_status == ocsp.OCSPResponseStatus.SUCCESSFUL
+        assert resp.certificates == [] and resp.responder_key_hash == ca_key_hash
