@@ -172,7 +172,9 @@ def sign_crl(authority: Authority, ca_name: str, *, delta: bool = False) -> CrlR
     handle = CertificateAuthority(authority, ca).key_handle()  # log in before burning a number
     profile = authority.profiles.get("root-ca" if ca.parent is None else "intermediate-ca")
     if ca.not_after <= _dt.datetime.now(_dt.UTC):
-        raise PolicyViolation(f"CA {ca_name!r} has expired; it cannot sign CRLs")
+        problem = f"CA {ca_name!r} has expired; it cannot sign CRLs"
+        audit.append(actor, "crl", "refused", ca=ca_name, key_label=ca.key_label, detail=problem)
+        raise PolicyViolation(problem)
     with store.transaction():
         # the time is taken once the write lock is held, so a higher CRL number never
         # carries an earlier thisUpdate, nor lists a revocation dated after it

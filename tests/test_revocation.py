@@ -206,3 +206,46 @@ def test_published_crl_is_re_signed_after_a_revocation(pki: Cli, tmp_path: Path)
             assert crl.get_revoked_certificate_by_serial_number(int(serial, 16)) is not None
     finally:
         auth.close()
+
+
+class _ThreeDaysLater(dt.datetime):
+    """``datetime`` whose now() is three days ahead (patched into hsm_ca.revocation only)."""
+
+    @classmethod
+    def now(cls, tz: dt.tzinfo | None = None) -> dt.datetime:  # type: ignore[override]
+        return dt.datetime.now(tz) + dt.timedelta(days=3)
+
+
+def test_an_expired_ca_signs_no_crl(pki: Cli, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The expiry guard had no test. Past its CA's expiry no CRL is signed, no CRL number
+    is used up, and the refusal is an audit record."""
+    import types
+
+    from conftest import USER_PIN
+
+    import hsm_ca.revocation
+    from hsm_ca.authority import Authority
+    from hsm_ca.config import load_config
+    from hsm_ca.errors import PolicyViolation
+
+    pki.ok("ca", "create-intermediate", "brief", "--parent", "root",
+           "--subject", "CN=Brief CA,O=Test", "--days", "2")
+    first = _crl(pki, "brief").extensions.get_extension_for_class(x509.CRLNumber).value
+    auth = Authority(load_config(pki.home), pin=lambda: USER_PIN)
+    try:
+        with monkeypatch.context() as later:
+            later.setattr(hsm_ca.revocation, "_dt", types.SimpleNamespace(
+                datetime=_ThreeDaysLater, UTC=dt.UTC, timedelta=dt.timedelta))
+            for delta in (False, True):
+                with pytest.raises(PolicyViolation, match="has expired"):
+                    hsm_ca.revocation.sign_crl(auth, "brief", delta=delta)
+    finally:
+        auth.close()
+    refused = [r for r in json.loads(pki.ok("--json", "audit", "list").out)
+               if r["action"] == "crl" and r["outcome"] == "refused"]
+    assert len(refused) == 2 and all("has expired" in r["detail"] for r in refused)
+    after = _crl(pki, "brief").extensions.get_extension_for_class(x509.CRLNumber).value
+    assert after.crl_number > first.crl_number
+    issued = [r for r in json.loads(pki.ok("--json", "audit", "list").out)
+              if r["action"] == "crl" and r["outcome"] == "issued" and r["ca"] == "brief"]
+    assert len(issued) == 2  # the two CRLs signed while the CA was valid, nothing between
