@@ -47,6 +47,7 @@ NOW = dt.datetime.now(dt.UTC).replace(microsecond=0)
 DAY = dt.timedelta(days=1)
 CRLDP = "http://crl.test.invalid/issuing.crl"
 STAMP_TIME = NOW - 45 * DAY  # while the short-lived signer was valid
+UNKNOWN_OID = x509.ObjectIdentifier("1.3.6.1.4.1.99999.42")
 
 
 class _Handle:
@@ -116,7 +117,8 @@ def _make(directory: Path, cn: str, issuer: Party | None, *, ca: bool,
 
 def _crl(directory: Path, name: str, issuer: Party, revoked: list[x509.Certificate], *,
          last: dt.datetime = NOW - 90 * DAY, nxt: dt.datetime = NOW + 30 * DAY,
-         delta: bool = False, idp: x509.IssuingDistributionPoint | None = None) -> Path:
+         delta: bool = False, idp: x509.IssuingDistributionPoint | None = None,
+         unknown_critical: bool = False, entry_unknown_critical: bool = False) -> Path:
     b = (x509.CertificateRevocationListBuilder().issuer_name(issuer.cert.subject)
          .last_update(last).next_update(nxt)
          .add_extension(x509.CRLNumber(2 if delta else 1), critical=False))
@@ -124,12 +126,16 @@ def _crl(directory: Path, name: str, issuer: Party, revoked: list[x509.Certifica
         b = b.add_extension(x509.DeltaCRLIndicator(1), critical=True)
     if idp is not None:
         b = b.add_extension(idp, critical=True)
+    if unknown_critical:
+        b = b.add_extension(x509.UnrecognizedExtension(UNKNOWN_OID, b"\x05\x00"), critical=True)
     for cert in revoked:
-        b = b.add_revoked_certificate(
-            x509.RevokedCertificateBuilder().serial_number(cert.serial_number)
-            .revocation_date(last + DAY)
-            .add_extension(x509.CRLReason(x509.ReasonFlags.key_compromise), critical=False)
-            .build())
+        entry = (x509.RevokedCertificateBuilder().serial_number(cert.serial_number)
+                 .revocation_date(last + DAY)
+                 .add_extension(x509.CRLReason(x509.ReasonFlags.key_compromise), critical=False))
+        if entry_unknown_critical:
+            entry = entry.add_extension(x509.UnrecognizedExtension(UNKNOWN_OID, b"\x05\x00"),
+                                        critical=True)
+        b = b.add_revoked_certificate(entry.build())
     path = directory / f"{name}.crl"
     path.write_bytes(b.sign(issuer.key, hashes.SHA256()).public_bytes(serialization.Encoding.PEM))
     return path
@@ -179,6 +185,12 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> World:
                        ku={"key_encipherment": True})
     p["expired"] = _make(d, "Expired Signer", p["int"], ca=False, eku=[CS],
                          not_before=NOW - 60 * DAY, not_after=NOW - 30 * DAY)
+    p["int-nocrlsign"] = _make(d, "Policy No cRLSign CA", p["root"], ca=True,
+                               ku={"key_cert_sign": True})
+    p["under-nocrlsign"] = _make(d, "Signer under No cRLSign CA", p["int-nocrlsign"],
+                                 ca=False, eku=[CS])
+    p["certsign-leaf"] = _make(d, "CertSign Signer", p["int"], ca=False, eku=[CS],
+                               ku={"digital_signature": True, "key_cert_sign": True})
     p["tsa"] = _make(d, "Pinned TSA", p["int"], ca=False, eku=[TS], eku_critical=True)
     p["rogue-tsa"] = _make(d, "Rogue TSA", p["int"], ca=False, eku=[TS], eku_critical=True)
     root, inter = p["root"], p["int"]
@@ -197,7 +209,15 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> World:
         full_name=[x509.UniformResourceIdentifier(CRLDP)]))
     c["int-user-only"] = _crl(d, "int-user-only", inter, [p["revoked"].cert],
                               idp=_idp(only_contains_user_certs=True))
-    for name in ("int-cs", "int-tls", "int-any"):
+    c["int-future"] = _crl(d, "int-future", inter, [], last=NOW + DAY)
+    c["int-unknown-critical"] = _crl(d, "int-unknown-critical", inter, [],
+                                     unknown_critical=True)
+    c["int-entry-critical"] = _crl(d, "int-entry-critical", inter, [p["revoked"].cert],
+                                   entry_unknown_critical=True)
+    c["int-some-reasons"] = _crl(d, "int-some-reasons", inter, [], idp=_idp(
+        only_some_reasons=frozenset({x509.ReasonFlags.key_compromise})))
+    c["int-empty"] = _crl(d, "int-empty", inter, [])
+    for name in ("int-cs", "int-tls", "int-any", "int-nocrlsign"):
         c[name] = _crl(d, name, p[name], [])
     w.data = d / "release.bin"
     w.data.write_bytes(b"release artifact\n" * 500)
@@ -248,7 +268,7 @@ def openssl_has_codesign_purpose() -> bool:
 
 
 def openssl_verdict(w: World, sig: Path, crls: list[str], attime: dt.datetime | None,
-                    purpose: str | None = None) -> bool:
+                    purpose: str | None = None, extra: tuple[str, ...] = ()) -> bool:
     cafile = w.dir / f"ca-{'-'.join(crls) or 'none'}.pem"
     cafile.write_text(w.parties["root"].pem.read_text()
                       + "".join(w.crls[c].read_text() for c in crls))
@@ -261,6 +281,7 @@ def openssl_verdict(w: World, sig: Path, crls: list[str], attime: dt.datetime | 
         args += ["-crl_check_all", "-extended_crl"]
     if attime is not None:
         args += ["-attime", str(int(attime.timestamp()))]
+    args += extra
     r = run_openssl(*args)
     ok = r.returncode == 0
     assert ok == ("Verification successful" in r.stdout + r.stderr), r.stdout + r.stderr
@@ -290,6 +311,8 @@ class Case:
     pin: bool = False  # --tsa-trust the pinned TSA
     stamp_used: bool = False  # openssl is asked at the stamp's time
     eku: bool = False  # the verdict rests on the codesign purpose
+    openssl: tuple[str, ...] = ()  # more openssl flags
+    stricter: bool = False  # hsm-ca refuses what this openssl accepts (said where used)
 
 
 FULL = ("root", "int")
@@ -311,6 +334,20 @@ CASES = {
     "revoked, CRL only for end entities": Case("revoked", ("root", "int-user-only"), False,
                                                "revoked"),
     "good, no CRL for the issuing CA": Case("good", ("root",), False, "no valid CRL"),
+    "good, CRL not yet valid": Case("good", ("root", "int-future"), False, "not valid until"),
+    "good, CRL with an unknown critical extension": Case(
+        "good", ("root", "int-unknown-critical"), False, "unhandled critical extension"),
+    "revoked, CRL entry with an unknown critical extension": Case(
+        "revoked", ("root", "int-entry-critical"), False, "unhandled critical extension"),
+    "good, CRL for some reasons only": Case("good", ("root", "int-some-reasons"), False,
+                                            "some reasons"),
+    "good, CRL issuer without cRLSign": Case("under-nocrlsign", ("root", "int-nocrlsign"),
+                                             False, "cRLSign", issuer="int-nocrlsign"),
+    # stricter than OpenSSL 3.0, which applies no delta here even with -use_deltas (finding 4)
+    "revoked in the delta, base and delta": Case(
+        "revoked", ("root", "int-empty", "int-delta"), False, "revoked", stricter=True),
+    "good, base and delta": Case("good", ("root", "int-empty", "int-delta"), True,
+                                 openssl=("-use_deltas",)),
     # (c) EKU on intermediates
     "under codeSigning-only CA": Case("under-cs", ("root", "int-cs"), True, issuer="int-cs",
                                       eku=True),
@@ -320,6 +357,7 @@ CASES = {
     # (d) end entities that must not sign code
     "CA:TRUE signer": Case("ca-leaf", FULL, False, "chain", eku=True),
     "signer without digitalSignature": Case("no-ds", FULL, False, "digitalSignature", eku=True),
+    "signer with keyCertSign": Case("certsign-leaf", FULL, False, "keyCertSign", eku=True),
     # (b) time stamps
     "expired, no stamp": Case("expired", FULL, False, "not valid at validation time"),
     "expired, pinned TSA stamp": Case("expired", FULL, True, stamp="tsa", pin=True,
@@ -347,9 +385,10 @@ def test_verdict_matches_openssl(world: World, name: str) -> None:
         assert case.why in output, output
     if case.stamp and not case.stamp_used:
         assert "the time stamp was not used" in output, output
-    if case.eku and not openssl_has_codesign_purpose():
-        return  # this openssl cannot judge the codesign purpose; the table's verdict stands
-    theirs = openssl_verdict(world, sig, list(case.crls), STAMP_TIME if case.stamp_used else None)
+    if case.stricter or (case.eku and not openssl_has_codesign_purpose()):
+        return  # this openssl cannot judge the case; the table's verdict stands
+    theirs = openssl_verdict(world, sig, list(case.crls), STAMP_TIME if case.stamp_used else None,
+                             extra=case.openssl)
     assert ok == theirs, f"hsm-ca says {ok}, openssl says {theirs}: {output}"
 
 
@@ -360,26 +399,32 @@ def test_rogue_stamp_would_revive_the_signer(world: World) -> None:
     assert not ours(world, sig, list(FULL), "--tsa-trust", str(world.parties["tsa"].pem))[0]
 
 
-@pytest.mark.parametrize("ca_eku", ["none", "purpose only", "TLS only"])
-def test_intermediate_eku_rule_is_openssls(world: World, ca_eku: str) -> None:
-    """The CA EKU rule is openssl's own, seen through a purpose this openssl has.
+@pytest.mark.parametrize(("ca_eku", "leaf_ku"), [
+    ("none", "digitalSignature"), ("purpose only", "digitalSignature"),
+    ("TLS only", "digitalSignature"), ("none", "keyEncipherment"),
+])
+def test_intermediate_eku_rule_is_openssls(world: World, ca_eku: str, leaf_ku: str) -> None:
+    """The CA EKU and signer keyUsage rules are openssl's own, seen through a purpose it has.
 
     ``-purpose smimesign`` refuses an intermediate whose EKU extension lacks
-    emailProtection, as hsm-ca refuses one lacking codeSigning: the same chain
-    built for each purpose gets the same verdict from both verifiers.
+    emailProtection, as hsm-ca refuses one lacking codeSigning, and a signer
+    whose keyUsage cannot sign: the same chain built for each purpose gets the
+    same verdict from both verifiers.
     """
     p, d = world.parties, world.dir
     verdicts = {}
     for purpose, eku in (("codesign", CS), ("smimesign", ExtendedKeyUsageOID.EMAIL_PROTECTION)):
         ekus = {"none": None, "purpose only": [eku], "TLS only": TLS}[ca_eku]
-        ca_name, leaf_name = f"mirror-ca-{purpose}-{ca_eku}", f"mirror-{purpose}-{ca_eku}"
+        ca_name = f"mirror-ca-{purpose}-{ca_eku}-{leaf_ku}"
+        leaf_name = f"mirror-{purpose}-{ca_eku}-{leaf_ku}"
         p[ca_name] = _make(d, ca_name, p["root"], ca=True, eku=ekus)
-        p[leaf_name] = _make(d, leaf_name, p[ca_name], ca=False, eku=[eku],
-                             ku={"digital_signature": True})
+        ku = {"digital_signature": True} if leaf_ku == "digitalSignature" \
+            else {"key_encipherment": True}
+        p[leaf_name] = _make(d, leaf_name, p[ca_name], ca=False, eku=[eku], ku=ku)
         sig = _sign(world, leaf_name, ca_name)
         if purpose == "codesign":
             verdicts[purpose] = ours(world, sig, [])[0]
         else:
             verdicts[purpose] = openssl_verdict(world, sig, [], None, purpose="smimesign")
     assert verdicts["codesign"] == verdicts["smimesign"], verdicts
-    assert verdicts["codesign"] == (ca_eku != "TLS only")
+    assert verdicts["codesign"] == (ca_eku != "TLS only" and leaf_ku == "digitalSignature")
