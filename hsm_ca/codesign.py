@@ -332,7 +332,8 @@ def _purpose_policies(eku: x509.ObjectIdentifier, what: str) -> tuple[Any, Any]:
     anyExtendedKeyUsage (a TLS-only intermediate cannot vouch for a code
     signer), one without is unrestricted. The end entity must also be able to
     sign: not a CA (the defaults' basicConstraints rule) and, with a keyUsage,
-    digitalSignature set.
+    digitalSignature set. A TSA's timeStamping must be its only EKU, critical
+    (RFC 3161 2.3), as ``openssl ts -verify`` requires.
     """
     from cryptography.x509.verification import Criticality, ExtensionPolicy
 
@@ -355,13 +356,21 @@ def _purpose_policies(eku: x509.ObjectIdentifier, what: str) -> tuple[Any, Any]:
         if value.key_cert_sign:
             raise ValueError(f"{what} certificate's key usage includes keyCertSign")
 
+    def tsa_eku(policy: Any, cert: Any, value: Any) -> None:
+        ee_eku(policy, cert, value)
+        if list(value) != [eku]:  # RFC 3161 2.3: the only EKU, and critical (below)
+            raise ValueError(f"{what} certificate has extended key usages besides {name}")
+
     ca = ExtensionPolicy.webpki_defaults_ca().may_be_present(
         x509.ExtendedKeyUsage, Criticality.AGNOSTIC, ca_eku)
     ee = (ExtensionPolicy.webpki_defaults_ee()
           # a code signer or TSA is named by its subject, not a DNS name: SAN is optional
           .may_be_present(x509.SubjectAlternativeName, Criticality.AGNOSTIC, None)
-          .require_present(x509.ExtendedKeyUsage, Criticality.AGNOSTIC, ee_eku)
           .may_be_present(x509.KeyUsage, Criticality.AGNOSTIC, ee_key_usage))
+    if eku == ExtendedKeyUsageOID.TIME_STAMPING:
+        ee = ee.require_present(x509.ExtendedKeyUsage, Criticality.CRITICAL, tsa_eku)
+    else:
+        ee = ee.require_present(x509.ExtendedKeyUsage, Criticality.AGNOSTIC, ee_eku)
     return ca, ee
 
 

@@ -192,6 +192,8 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> World:
     p["certsign-leaf"] = _make(d, "CertSign Signer", p["int"], ca=False, eku=[CS],
                                ku={"digital_signature": True, "key_cert_sign": True})
     p["tsa"] = _make(d, "Pinned TSA", p["int"], ca=False, eku=[TS], eku_critical=True)
+    p["tsa-noncritical"] = _make(d, "NonCritical TSA", p["int"], ca=False, eku=[TS])
+    p["tsa-multi"] = _make(d, "Multi TSA", p["int"], ca=False, eku=[TS, CS], eku_critical=True)
     p["rogue-tsa"] = _make(d, "Rogue TSA", p["int"], ca=False, eku=[TS], eku_critical=True)
     root, inter = p["root"], p["int"]
     c = w.crls
@@ -428,3 +430,22 @@ def test_intermediate_eku_rule_is_openssls(world: World, ca_eku: str, leaf_ku: s
             verdicts[purpose] = openssl_verdict(world, sig, [], None, purpose="smimesign")
     assert verdicts["codesign"] == verdicts["smimesign"], verdicts
     assert verdicts["codesign"] == (ca_eku != "TLS only" and leaf_ku == "digitalSignature")
+
+
+@pytest.mark.parametrize("tsa", ["tsa", "tsa-noncritical", "tsa-multi"])
+def test_tsa_certificate_rule_is_openssls(world: World, tsa: str) -> None:
+    """A pinned TSA still needs timeStamping as its only, critical EKU: ``openssl ts -verify``
+    judges the stamp itself, hsm-ca's verdict on the expired signer follows it."""
+    sig = _sign(world, "expired", stamp=tsa)
+    info = acms.ContentInfo.load(sig.read_bytes())
+    si = info["content"]["signer_infos"][0]
+    token = world.dir / f"{tsa}.token.der"
+    token.write_bytes(si["unsigned_attrs"][0]["values"][0].dump())
+    untrusted = world.dir / f"{tsa}.untrusted.pem"
+    untrusted.write_text(world.parties[tsa].pem.read_text() + world.parties["int"].pem.read_text())
+    r = run_openssl("ts", "-verify", "-digest", hashlib.sha256(si["signature"].native).hexdigest(),
+                    "-token_in", "-in", token, "-CAfile", world.parties["root"].pem,
+                    "-untrusted", untrusted, "-attime", str(int(STAMP_TIME.timestamp())))
+    theirs = r.returncode == 0 and "Verification: OK" in r.stdout
+    ok, output = ours(world, sig, [], "--tsa-trust", str(world.parties[tsa].pem))
+    assert ok == theirs == (tsa == "tsa"), (output, r.stdout + r.stderr)
