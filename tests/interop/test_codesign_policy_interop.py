@@ -84,7 +84,7 @@ def _name(cn: str) -> x509.Name:
 
 def _make(directory: Path, cn: str, issuer: Party | None, *, ca: bool,
           eku: list[x509.ObjectIdentifier] | None = None, eku_critical: bool = False,
-          ku: dict[str, bool] | None = None, crldp: bool = False,
+          ku: dict[str, bool] | None = None, crldp: bool = False, crldp_rdn: str | None = None,
           not_before: dt.datetime = NOW - 400 * DAY,
           not_after: dt.datetime = NOW + 3650 * DAY) -> Party:
     key = ec.generate_private_key(ec.SECP256R1())
@@ -109,10 +109,17 @@ def _make(directory: Path, cn: str, issuer: Party | None, *, ca: bool,
     if crldp:
         b = b.add_extension(x509.CRLDistributionPoints([x509.DistributionPoint(
             [x509.UniformResourceIdentifier(CRLDP)], None, None, None)]), critical=False)
+    if crldp_rdn:  # a name relative to the CRL issuer's (RFC 5280 4.2.1.13)
+        b = b.add_extension(x509.CRLDistributionPoints([x509.DistributionPoint(
+            None, _rdn(crldp_rdn), None, None)]), critical=False)
     cert = b.sign(issuer.key if issuer else key, hashes.SHA256())
     pem = directory / f"{cn.replace(' ', '-')}.pem"
     pem.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
     return Party(cert, key, pem)
+
+
+def _rdn(cn: str) -> x509.RelativeDistinguishedName:
+    return x509.RelativeDistinguishedName([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
 
 
 def _crl(directory: Path, name: str, issuer: Party, revoked: list[x509.Certificate], *,
@@ -176,6 +183,8 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> World:
                          eku=[ExtendedKeyUsageOID.ANY_EXTENDED_KEY_USAGE])
     p["good"] = _make(d, "Good Signer", p["int"], ca=False, eku=[CS], crldp=True)
     p["revoked"] = _make(d, "Revoked Signer", p["int"], ca=False, eku=[CS], crldp=True)
+    p["relative"] = _make(d, "Relative DP Signer", p["int"], ca=False, eku=[CS],
+                          crldp_rdn="Partition 1")
     p["under-cs"] = _make(d, "Signer under CS CA", p["int-cs"], ca=False, eku=[CS])
     p["under-tls"] = _make(d, "Signer under TLS CA", p["int-tls"], ca=False, eku=[CS])
     p["under-any"] = _make(d, "Signer under Any CA", p["int-any"], ca=False, eku=[CS])
@@ -209,6 +218,8 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> World:
         full_name=[x509.UniformResourceIdentifier("http://crl.test.invalid/other.crl")]))
     c["int-this-dp"] = _crl(d, "int-this-dp", inter, [p["revoked"].cert], idp=_idp(
         full_name=[x509.UniformResourceIdentifier(CRLDP)]))
+    c["int-rdn-1"] = _crl(d, "int-rdn-1", inter, [], idp=_idp(relative_name=_rdn("Partition 1")))
+    c["int-rdn-2"] = _crl(d, "int-rdn-2", inter, [], idp=_idp(relative_name=_rdn("Partition 2")))
     c["int-user-only"] = _crl(d, "int-user-only", inter, [p["revoked"].cert],
                               idp=_idp(only_contains_user_certs=True))
     c["int-future"] = _crl(d, "int-future", inter, [], last=NOW + DAY)
@@ -333,6 +344,12 @@ CASES = {
     "good, CRL of its distribution point": Case("good", ("root", "int-this-dp"), True),
     "revoked, CRL of its distribution point": Case("revoked", ("root", "int-this-dp"), False,
                                                    "revoked"),
+    "relative DP, CRL of that partition": Case("relative", ("root", "int-rdn-1"), True),
+    "relative DP, CRL of another partition": Case("relative", ("root", "int-rdn-2"), False,
+                                                  "distribution point"),
+    "relative DP, full CRL without IDP": Case("relative", FULL, True),
+    "full-name DP, CRL of a partition": Case("good", ("root", "int-rdn-1"), False,
+                                             "distribution point"),
     "revoked, CRL only for end entities": Case("revoked", ("root", "int-user-only"), False,
                                                "revoked"),
     "good, no CRL for the issuing CA": Case("good", ("root",), False, "no valid CRL"),
