@@ -85,6 +85,7 @@ def _name(cn: str) -> x509.Name:
 def _make(directory: Path, cn: str, issuer: Party | None, *, ca: bool,
           eku: list[x509.ObjectIdentifier] | None = None, eku_critical: bool = False,
           ku: dict[str, bool] | None = None, crldp: bool = False, crldp_rdn: str | None = None,
+          crldp_issuer: x509.Name | None = None,
           not_before: dt.datetime = NOW - 400 * DAY,
           not_after: dt.datetime = NOW + 3650 * DAY) -> Party:
     key = ec.generate_private_key(ec.SECP256R1())
@@ -109,6 +110,10 @@ def _make(directory: Path, cn: str, issuer: Party | None, *, ca: bool,
     if crldp:
         b = b.add_extension(x509.CRLDistributionPoints([x509.DistributionPoint(
             [x509.UniformResourceIdentifier(CRLDP)], None, None, None)]), critical=False)
+    if crldp_issuer is not None:  # the CRL at CRLDP comes from another issuer (indirect)
+        b = b.add_extension(x509.CRLDistributionPoints([x509.DistributionPoint(
+            [x509.UniformResourceIdentifier(CRLDP)], None, None,
+            [x509.DirectoryName(crldp_issuer)])]), critical=False)
     if crldp_rdn:  # a name relative to the CRL issuer's (RFC 5280 4.2.1.13)
         b = b.add_extension(x509.CRLDistributionPoints([x509.DistributionPoint(
             None, _rdn(crldp_rdn), None, None)]), critical=False)
@@ -185,6 +190,8 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> World:
     p["revoked"] = _make(d, "Revoked Signer", p["int"], ca=False, eku=[CS], crldp=True)
     p["relative"] = _make(d, "Relative DP Signer", p["int"], ca=False, eku=[CS],
                           crldp_rdn="Partition 1")
+    p["indirect"] = _make(d, "Indirect DP Signer", p["int"], ca=False, eku=[CS],
+                          crldp_issuer=_name("Some Other CRL Issuer"))
     p["under-cs"] = _make(d, "Signer under CS CA", p["int-cs"], ca=False, eku=[CS])
     p["under-tls"] = _make(d, "Signer under TLS CA", p["int-tls"], ca=False, eku=[CS])
     p["under-any"] = _make(d, "Signer under Any CA", p["int-any"], ca=False, eku=[CS])
@@ -348,6 +355,8 @@ CASES = {
     "relative DP, CRL of another partition": Case("relative", ("root", "int-rdn-2"), False,
                                                   "distribution point"),
     "relative DP, full CRL without IDP": Case("relative", FULL, True),
+    "DP with another cRLIssuer, CRL of that name": Case("indirect", ("root", "int-this-dp"),
+                                                        False, "distribution point"),
     "full-name DP, CRL of a partition": Case("good", ("root", "int-rdn-1"), False,
                                              "distribution point"),
     "revoked, CRL only for end entities": Case("revoked", ("root", "int-user-only"), False,
