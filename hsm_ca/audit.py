@@ -547,7 +547,8 @@ def verify_export(lines: Iterable[str], trust_key: Any, *, trail: str | None = N
         return AuditReport(
             False, count, walk.last_checkpoint + 1,
             f"records after the last signed checkpoint ({walk.last_checkpoint}) are unsigned: "
-            "the export was cut or extended after it was made",
+            "the export was cut or extended after it was made (or made without a PIN or "
+            "with --no-checkpoint)",
         )
     info = walk.last_checkpoint_info
     if info.get("v") != CHECKPOINT_VERSION:
@@ -559,8 +560,9 @@ def verify_export(lines: Iterable[str], trust_key: Any, *, trail: str | None = N
     if info.get("reason") != EXPORT_REASON:
         return AuditReport(
             False, count, None,
-            f"the export ends with a {str(info.get('reason'))[:20]!r} checkpoint, not with the "
-            "one 'audit export' signs for it: it was cut back to an earlier checkpoint",
+            f"the export ends with a {str(info.get('reason'))[:64]!r} checkpoint, not with an "
+            "export checkpoint: it was made without a PIN or with --no-checkpoint, or cut back "
+            "to an earlier checkpoint",
         )
     walk.report.notes.append(f"the export was made at {walk.last_checkpoint_time} "
                              f"(its checkpoint, record {walk.last_checkpoint}, is signed)")

@@ -373,6 +373,10 @@ class OcspResponder:
                 return hit
         now = _dt.datetime.now(_dt.UTC).replace(microsecond=0)
         signer = self._signer(ca_name)
+        if signer.ca.certificate.not_valid_after_utc <= now:
+            # an expired CA vouches for nothing (it signs no CRL either); answering would
+            # cost a signature and an audit row per request, with nothing to cache
+            return OcspAnswer(UNAUTHORIZED, status="unauthorized")
         # Nothing is vouched for past the signing certificate's expiry or the CA's (as a
         # CRL's nextUpdate is capped), nor served from the cache after it: a client
         # rejects an answer whose signer has expired, and a soft-failing one accepts.

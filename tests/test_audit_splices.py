@@ -339,3 +339,16 @@ def test_a_home_from_before_version_2_checkpoints_keeps_verifying(
     assert sorted({json.loads(r["detail"]).get("v", 1) for r in records
                    if r["action"] == "checkpoint"}) == [1, 2]
     assert _verify_file(soft_pki, export, old_pem).code == 0
+
+
+def test_an_export_without_a_pin_says_it_cannot_be_verified(
+        soft_pki: Cli, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    soft_pki.ok("crl", "issuing")
+    cert = tmp_path / "audit.pem"
+    soft_pki.ok("audit", "cert", "-o", str(cert))
+    monkeypatch.delenv("HSM_CA_PIN")
+    export = tmp_path / "nopin.jsonl"
+    r = soft_pki.ok("audit", "export", "-o", str(export))
+    assert r.err.startswith("Warning:") and "without its signed checkpoint" in r.err
+    r = _verify_file(soft_pki, export, cert)
+    assert r.code == 1 and "made without a PIN or with --no-checkpoint" in r.err

@@ -336,3 +336,34 @@ def test_an_expired_delegated_responder_stops_signing(
         resp = ocsp.load_der_ocsp_response(fresh.respond(_request(cert, issuer, b"n2")).der)
         assert resp.response_status == ocsp.OCSPResponseStatus.SUCCESSFUL
         assert resp.certificates == [] and resp.responder_key_hash == ca_key_hash
+
+
+class _FarFuture(__import__("datetime").datetime):
+    """``datetime`` whose now() is past every CA's notAfter (patched into hsm_ca.ocsp only)."""
+
+    @classmethod
+    def now(cls, tz=None):  # type: ignore[no-untyped-def, override]
+        import datetime as dt
+
+        return dt.datetime.now(tz) + dt.timedelta(days=40000)
+
+
+def test_an_expired_ca_answers_unauthorized_without_signing(
+    responder: tuple[OcspResponder, Cli], monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Past the CA's notAfter nothing is signed: no answer to cache, so each request would
+    otherwise cost an HSM signature and an audit row, unrationed."""
+    import datetime as dt
+    import types
+
+    import hsm_ca.ocsp
+
+    r, cli = responder
+    issuer, cert = _issuer(cli), _issue(cli, "old")
+    monkeypatch.setattr(hsm_ca.ocsp, "_dt", types.SimpleNamespace(
+        datetime=_FarFuture, UTC=dt.UTC, timedelta=dt.timedelta))
+    before = r.signatures
+    for nonce in (None, None, None, b"n1"):
+        resp = ocsp.load_der_ocsp_response(r.respond(_request(cert, issuer, nonce)).der)
+        assert resp.response_status == ocsp.OCSPResponseStatus.UNAUTHORIZED
+    assert r.signatures == before

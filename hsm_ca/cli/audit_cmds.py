@@ -179,6 +179,9 @@ def audit_export(output: str | None, no_checkpoint: bool, pin_file: str | None) 
     if not no_checkpoint and (pin_file or st.pin_file or os.environ.get(PIN_ENV)):
         # the export ends with its own checkpoint, even while others append to the trail
         until = auth.checkpoint(EXPORT_REASON)
+    elif not no_checkpoint:
+        click.echo("Warning: no PIN ($HSM_CA_PIN or --pin-file), so the export ends without its "
+                   "signed checkpoint and 'audit verify --file' will refuse it", err=True)
     lines = [json.dumps(r, sort_keys=True, separators=(",", ":"))
              for r in auth.audit.records(until=until)]
     data = "".join(line + "\n" for line in lines)
