@@ -304,14 +304,20 @@ def test_an_empty_nonce_is_malformed(responder: tuple[OcspResponder, Cli]) -> No
     assert resp.response_status == ocsp.OCSPResponseStatus.MALFORMED_REQUEST and r.signatures == 0
 
 
-class _TwoDaysLater(__import__("datetime").datetime):
-    """``datetime`` whose now() is two days ahead (patched into hsm_ca.ocsp only)."""
+def _clock_ahead(monkeypatch: pytest.MonkeyPatch, days: int) -> None:
+    """Move hsm_ca.ocsp's clock (only its) ``days`` ahead."""
+    import datetime as dt
+    import types
 
-    @classmethod
-    def now(cls, tz=None):  # type: ignore[no-untyped-def, override]
-        import datetime as dt
+    import hsm_ca.ocsp
 
-        return dt.datetime.now(tz) + dt.timedelta(days=2)
+    class Ahead(dt.datetime):
+        @classmethod
+        def now(cls, tz=None):  # type: ignore[no-untyped-def, override]
+            return dt.datetime.now(tz) + dt.timedelta(days=days)
+
+    monkeypatch.setattr(hsm_ca.ocsp, "_dt", types.SimpleNamespace(
+        datetime=Ahead, UTC=dt.UTC, timedelta=dt.timedelta))
 
 
 def test_an_expired_delegated_responder_stops_signing(
@@ -319,18 +325,14 @@ def test_an_expired_delegated_responder_stops_signing(
 ) -> None:
     """Once the responder's certificate has expired the CA key answers, in a responder that
     had cached the delegated signer and in a new one (neither expiry check had a test)."""
-    import datetime as dt
-    import types
 
-    import hsm_ca.ocsp
 
     r, cli = responder
     issuer, cert = _issuer(cli), _issue(cli, "ex")
     cli.ok("ca", "ocsp-responder", "issuing", "--days", "1")
     resp = ocsp.load_der_ocsp_response(r.respond(_request(cert, issuer, b"n1")).der)
     assert len(resp.certificates) == 1  # the delegated responder signs, and is cached
-    monkeypatch.setattr(hsm_ca.ocsp, "_dt", types.SimpleNamespace(
-        datetime=_TwoDaysLater, UTC=dt.UTC, timedelta=dt.timedelta))
+    _clock_ahead(monkeypatch, 2)
     ca_key_hash = x509.SubjectKeyIdentifier.from_public_key(issuer.public_key()).digest  # type: ignore[arg-type]
     for fresh in (r, OcspResponder(r.authority, cache_seconds=300)):
         resp = ocsp.load_der_ocsp_response(fresh.respond(_request(cert, issuer, b"n2")).der)
@@ -338,30 +340,16 @@ def test_an_expired_delegated_responder_stops_signing(
         assert resp.certificates == [] and resp.responder_key_hash == ca_key_hash
 
 
-class _FarFuture(__import__("datetime").datetime):
-    """``datetime`` whose now() is past every CA's notAfter (patched into hsm_ca.ocsp only)."""
-
-    @classmethod
-    def now(cls, tz=None):  # type: ignore[no-untyped-def, override]
-        import datetime as dt
-
-        return dt.datetime.now(tz) + dt.timedelta(days=40000)
-
-
 def test_an_expired_ca_answers_unauthorized_without_signing(
     responder: tuple[OcspResponder, Cli], monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """Past the CA's notAfter nothing is signed: no answer to cache, so each request would
     otherwise cost an HSM signature and an audit row, unrationed."""
-    import datetime as dt
-    import types
 
-    import hsm_ca.ocsp
 
     r, cli = responder
     issuer, cert = _issuer(cli), _issue(cli, "old")
-    monkeypatch.setattr(hsm_ca.ocsp, "_dt", types.SimpleNamespace(
-        datetime=_FarFuture, UTC=dt.UTC, timedelta=dt.timedelta))
+    _clock_ahead(monkeypatch, 40000)
     before = r.signatures
     for nonce in (None, None, None, b"n1"):
         resp = ocsp.load_der_ocsp_response(r.respond(_request(cert, issuer, nonce)).der)
