@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Run the whole hsm-ca test suite: set up .venv and the system tools (SoftHSM2, OpenSC,
-# OpenSSL) when missing, lint with ruff, then pytest. Arguments go to pytest:
+# OpenSSL, GnuTLS's certtool) when missing, lint with ruff, then pytest. Arguments go to pytest:
 #   scripts/test.sh -x -q
 #   scripts/test.sh -k audit
 # Works from any directory (pytest runs from the repository root, so give test paths
@@ -22,7 +22,7 @@ trap finish EXIT
 
 say "setup"
 check_dev_null "found so before the run"
-ensure_debian_tools softhsm2-util:softhsm2 pkcs11-tool:opensc openssl:openssl
+ensure_debian_tools softhsm2-util:softhsm2 pkcs11-tool:opensc openssl:openssl certtool:gnutls-bin
 ensure_venv "test,pkcs11"
 say "setup done in $(elapsed_since "$t0")"
 
