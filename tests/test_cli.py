@@ -210,6 +210,16 @@ def test_ca_key_types(initialised: Cli, tmp_path: Path, key_type: str) -> None:
     info = json.loads(initialised.ok("--json", "sign", str(p), "--ca", "r", "--profile", "tls-client").out)
     root = x509.load_pem_x509_certificate(initialised.ok("ca", "export", "r").out.encode())
     x509.load_pem_x509_certificate(info["pem"].encode()).verify_directly_issued_by(root)
+    from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
+
+    is_named_type = {  # the key the root was made with is the one asked for
+        "rsa-2048": lambda k: isinstance(k, rsa.RSAPublicKey) and k.key_size == 2048,
+        "ed25519": lambda k: isinstance(k, ed25519.Ed25519PublicKey),
+        "ec-p521": lambda k: isinstance(k, ec.EllipticCurvePublicKey) and isinstance(k.curve, ec.SECP521R1),
+    }[key_type]
+    assert is_named_type(root.public_key()), root.public_key()
+    cas = json.loads(initialised.ok("--json", "ca", "list").out)
+    assert [c["key_type"] for c in cas if c["name"] == "r"] == [key_type]
 
 
 def test_other_profiles(pki: Cli, tmp_path: Path) -> None:
