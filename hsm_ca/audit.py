@@ -197,44 +197,30 @@ class AuditLog:
         ``trail`` is the trail id the checkpoints must name (from that
         certificate; else the home's own), ``anchors`` as in ``walk_records``.
         """
+        from hsm_ca.trailstate import TrailTally  # local: trailstate imports this module
+
         rows = (dict(zip((*FIELDS, "chain"), row, strict=True)) for row in self.store.conn.execute(
             f"SELECT {', '.join(FIELDS)}, chain FROM audit ORDER BY rowid"))
         if trust_key is None:
             trust_key = self.stored_checkpoint_key()
+        tally = TrailTally()
         walk = walk_records(rows, trust_key, trail=trail or self.store.get_meta(TRAIL_META),
-                            anchors=anchors)
+                            anchors=anchors, visit=tally.visit)
         if not walk.report.ok:
             return walk.report
-        count, prev, issued = walk.report.records, walk.last_chain, walk.issued
+        count, prev = walk.report.records, walk.last_chain
         head_seq, head_chain = self._head()
         if head_seq != count or (count and head_chain != prev):
             return AuditReport(
                 False, count, min(head_seq, count) + 1 if head_seq > count else head_seq,
                 f"audit trail ends at record {count} but its recorded head is record {head_seq}: "
-                "records were removed from the end",
+                "records were removed from the end" if head_seq != count else
+                f"the recorded head of the audit trail (record {head_seq}) names another chain "
+                "value than the trail's last record: the trail was rewritten",
             )
-        cert_sha: dict[str, str] = {}
-        from hsm_ca.x509util import pem_sha256  # local: keeps audit import-light
-
-        for cert in self.store.iter_certificates():
-            actual = pem_sha256(cert["pem"])
-            if actual != cert["sha256"]:
-                return AuditReport(
-                    False, count, None,
-                    f"certificate {cert['serial']} was altered in the database",
-                )
-            cert_sha[cert["serial"]] = actual
-            if issued.get(cert["serial"]) != actual:
-                return AuditReport(
-                    False, count, None,
-                    f"certificate {cert['serial']} has no matching 'issued' audit record",
-                )
-        for serial in issued:
-            if serial not in cert_sha:
-                return AuditReport(
-                    False, count, None,
-                    f"audit records certificate {serial} as issued but the database has no such certificate",
-                )
+        problem, checked = tally.check_database(self.store)
+        if problem is not None:
+            return AuditReport(False, count, None, problem)
         recorded = self.store.get_meta("hsm_generation")
         if recorded is not None and int(recorded) < walk.max_generation:
             return AuditReport(
@@ -243,6 +229,9 @@ class AuditLog:
                 f"({walk.max_generation}): it was edited to hide a keystore rollback",
             )
         report = walk.report
+        report.notes.append(
+            f"{checked} certificate(s) match the trail's records (digest, status, revocation) "
+            "and verify with their CA's key")
         intents = self.store.serials_in_state("intent")
         if intents:
             report.notes.append(
@@ -337,6 +326,7 @@ class Walk:
     last_checkpoint_time: str | None = None
     last_checkpoint_info: dict[str, Any] = field(default_factory=dict)
     trail: str | None = None
+    last_seq: int = 0
 
 
 def verify_signature(key: Any, signature: bytes, data: bytes) -> str | None:
@@ -417,7 +407,8 @@ def _shape_problem(record: Any) -> str | None:
 
 def walk_records(
     records: Iterable[Any], checkpoint_key: Any = None, *, trail: str | None = None,
-    anchors: dict[int, str] | None = None,
+    anchors: dict[int, str] | None = None, start: tuple[int, str] = (0, GENESIS),
+    visit: Callable[[dict[str, Any]], None] | None = None,
 ) -> Walk:
     """Check shape, sequence, chain values and signed checkpoints of records in order.
 
@@ -425,11 +416,15 @@ def walk_records(
     trusted audit certificate or the home; without it, the first one's id binds
     the rest); ``anchors`` maps sequence numbers to chain
     values the verifier saw before (a checkpoint noted off the host), which
-    catches a trail cut back to an older checkpoint.
+    catches a trail cut back to an older checkpoint. ``start`` is the record
+    number and chain value the records continue from (the genesis by default):
+    a walk of a trail's tail proves the tail's records only as far as a signed
+    checkpoint in it, whose signature covers the chain value it continued from.
+    ``visit`` sees each record once its chain value has been checked.
     """
     walk = Walk(AuditReport(True, 0), trail=trail)
-    prev = GENESIS
-    expected_seq = 1
+    prev = start[1]
+    expected_seq = start[0] + 1
     count = 0
     checkpoints = 0
     anchors = dict(anchors or {})
@@ -461,6 +456,8 @@ def walk_records(
             walk.last_checkpoint = seq
             walk.last_checkpoint_time = record["time"]
             checkpoints += 1
+        if visit is not None:
+            visit(record)
         if seq in anchors and anchors.pop(seq) != record["chain"]:
             return fail(seq, f"audit record {seq} differs from the anchor given for it "
                              "(the history before it was rewritten)")
@@ -468,6 +465,7 @@ def walk_records(
         expected_seq += 1
         count += 1
     walk.last_chain = prev
+    walk.last_seq = expected_seq - 1
     if anchors:
         first = min(anchors)
         return fail(count + 1, f"the trail ends at record {count}, before anchor record {first}: "

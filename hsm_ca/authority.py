@@ -285,6 +285,9 @@ class Authority:
         self._engine_factory = engine_factory or open_engine
         self._engine: HsmEngine | None = None
         self._logged_in = False
+        # serial -> SHA-256 of certificates this process stored since its last checkpoint,
+        # their signatures checked before storing (see trailstate.check_rows)
+        self._vouched: dict[str, str] = {}
         self._ca_cache: dict[str, CaRecord] = {}
 
     # ----------------------------------------------------------- lifecycle
@@ -434,7 +437,10 @@ class Authority:
         try:
             handle = engine.get_key(self.AUDIT_KEY)
         except KeyNotFound:
-            handle = self._new_key(self.AUDIT_KEY, "ec-p256", self.actor())
+            try:
+                handle = self._new_key(self.AUDIT_KEY, "ec-p256", self.actor())
+            except AlreadyExists:  # another process made it first: it is the one
+                handle = engine.get_key(self.AUDIT_KEY)
         if not self.store.get_meta("audit_cert"):
             now = _now()
             from hsm_ca.audit import TRAIL_ATTRIBUTE_PREFIX
@@ -459,6 +465,10 @@ class Authority:
                 self.store.set_meta("audit_cert", cert_pem(cert))
         return handle
 
+    def audit_public_key(self) -> Any:
+        """The audit key's public key as the HSM holds it: what internal checks trust."""
+        return self._audit_key().public_key()
+
     def audit_certificate(self) -> x509.Certificate:
         """The audit signer's certificate (created on first use), for offline verification."""
         self._audit_key()
@@ -475,20 +485,122 @@ class Authority:
         def sign(data: bytes) -> bytes:
             return key.sign(data, algorithm)  # type: ignore[call-arg,arg-type,no-any-return]
 
-        with self.store.transaction():
-            new_seq = self.audit.append_checkpoint(
-                self.actor(), key_label=handle.label, trail=self.audit.trail_id(),
-                reason=reason, sign=sign)
-            self.store.set_meta("audit_checkpoint", str(new_seq))
+        from hsm_ca.errors import Tampered
+        from hsm_ca.trailstate import check_since_checkpoint
+
+        trail = self.audit.trail_id()
+        try:
+            with self.store.transaction():
+                # nothing is signed unverified: the records since the last checkpoint, and
+                # the certificate rows they describe, are proven first (under the write lock)
+                check_since_checkpoint(self.store, handle.public_key(), self.issuer_checker(),
+                                       known=self._vouched)
+                new_seq = self.audit.append_checkpoint(
+                    self.actor(), key_label=handle.label, trail=trail, reason=reason, sign=sign)
+                self.store.set_meta("audit_checkpoint", str(new_seq))
+            self._vouched.clear()  # signed into the trail now; the next check starts after it
+        except Tampered as e:
+            # not a "checkpoint" record: those are signed, and an unsigned one is a forgery
+            self.audit.append(self.actor(), "state-check", "refused", key_label=handle.label,
+                              detail=f"checkpoint ({reason}) refused: {e}")
+            raise
         return new_seq
 
     def maybe_checkpoint(self, *, force: str | None = None) -> None:
-        """Checkpoint every CHECKPOINT_EVERY records, or now with a reason (e.g. at a CRL)."""
+        """Checkpoint every CHECKPOINT_EVERY records, or now with a reason (e.g. at a CRL).
+
+        A periodic checkpoint refused because the database disagrees with the
+        trail does not fail the operation that triggered it (that operation was
+        checked on its own); it is audited and warned about. A forced one raises.
+        """
         if force is None:
             head, _ = self.audit._head()
             if head - self.audit.last_checkpoint() < self.CHECKPOINT_EVERY:
                 return
-        self.checkpoint(force or "periodic")
+        from hsm_ca.errors import Tampered
+
+        try:
+            self.checkpoint(force or "periodic")
+        except Tampered as e:
+            if force is not None:
+                raise
+            import sys
+
+            sys.stderr.write(f"Warning: audit checkpoint refused: {e}\n")
+
+    def issuer_checker(self) -> Callable[[str], x509.Certificate]:
+        """CA name -> its certificate, once its public key is proven to be the HSM key's.
+
+        The ``cas`` rows are database rows too: a swapped CA certificate would
+        make forged certificates verify. The HSM holds the only copy of each CA
+        key that counts, so the certificate's key must be the engine's.
+        """
+        from hsm_ca.errors import Tampered
+
+        cache: dict[str, x509.Certificate] = {}
+        engine = self.engine()
+
+        def issuer_of(name: str) -> x509.Certificate:
+            if name in cache:
+                return cache[name]
+            row = self.store.get_ca(name)
+            if row is None:
+                raise Tampered(f"certificates name CA {name!r}, which the database lacks")
+            cert = x509.load_pem_x509_certificate(row["pem"].encode())
+            try:
+                held = engine.get_key(row["key_label"]).public_key()
+            except KeyNotFound:
+                raise Tampered(f"CA {name!r} names HSM key {row['key_label']!r}, which the HSM "
+                               "does not hold") from None
+            if _spki(held) != _spki(cert.public_key()):
+                raise Tampered(f"the certificate of CA {name!r} in the database does not carry "
+                               f"the public key of its HSM key {row['key_label']!r}")
+            cache[name] = cert
+            return cert
+
+        return issuer_of
+
+    def revocation_view(self, ca_name: str) -> Any:
+        """The CA's revocations as proven against the trail; kept and advanced per process.
+
+        A fresh process proves the CA's revoked rows once (from its last CRL's
+        digest, see trailstate); after that only new audit records are walked.
+        """
+        from hsm_ca.trailstate import advance, verified_revocations
+
+        views: dict[str, Any] = self.__dict__.setdefault("_revocation_views", {})
+        key = self.audit_public_key()
+        view = views.get(ca_name)
+        if view is None:
+            view = views[ca_name] = verified_revocations(self.store, ca_name, key)
+        else:
+            advance(view, self.store, key)
+        return view
+
+    def certificate_status(self, ca_name: str, serial: str) -> str | None:
+        """'valid', 'revoked' or None (not this CA's), as the trail says and the row agrees.
+
+        A row that disagrees with the trail raises Tampered: nothing is
+        vouched for on the strength of an edited row.
+        """
+        from hsm_ca.errors import Tampered
+
+        row = self.store.status_of(ca_name, serial)
+        rev = self.revocation_view(ca_name).revoked.get(serial)
+        if row is None:
+            if rev is not None:
+                raise Tampered(f"certificate {serial} is recorded revoked but has no row")
+            return None
+        if rev is not None:
+            if row[0] != "revoked" or not rev.agrees(row[1], row[2], self.store.get_certificate(
+                    serial)["invalidity_date"]):  # type: ignore[index]
+                raise Tampered(f"certificate {serial} is recorded revoked, but its row says "
+                               f"{row[0]}: the database was edited")
+            return "revoked"
+        if row[0] != "valid":
+            raise Tampered(f"certificate {serial} is {row[0]} in the database, but the audit "
+                           "trail records no revocation of it: the database was edited")
+        return "valid"
 
     def _generation(self) -> int | None:
         generation = getattr(self._engine, "generation", None)
@@ -1122,6 +1234,7 @@ class Authority:
                     }
                 )
                 store.mark_serial(serial, "issued")
+                self._vouched[serial] = sha  # its signature was checked before it was stored
                 audit.append(
                     actor, "issue", "issued", ca=ca_name, key_label=issuer_handle.label,
                     profile=d.profile.name, serial=serial, subject=d.subject_text,
@@ -1430,6 +1543,11 @@ def _prelint(builder: x509.CertificateBuilder, profile: Profile, issuer_key_type
     if findings:
         raise PolicyViolation(f"pre-issuance lint failed ({profile.name}): {', '.join(findings)}")
     return pre.tbs_certificate_bytes
+
+
+def _spki(key: Any) -> bytes:
+    return key.public_bytes(serialization.Encoding.DER,  # type: ignore[no-any-return]
+                            serialization.PublicFormat.SubjectPublicKeyInfo)
 
 
 def _check_signature(cert: x509.Certificate, public_key: PublicKeyTypes) -> None:

@@ -81,12 +81,22 @@ def new_signer(authority: Authority, label: str, ca_name: str, subject: x509.Nam
     return signer_info(authority, rows[0])
 
 
-def signer_info(authority: Authority, row: dict[str, Any]) -> dict[str, Any]:
+def signer_info(authority: Authority, row: dict[str, Any], *,
+                verified: bool = False) -> dict[str, Any]:
+    """A signer's summary; ``verified`` takes its status from the audit trail (needs the HSM).
+
+    Signing uses the verified status, so a revoked signer whose row was edited
+    back to valid raises Tampered instead of signing; a listing shows the row.
+    """
     cert = x509.load_pem_x509_certificate(row["pem"].encode())
-    status = authority.store.status_of(row["ca"], row["serial"])
+    if verified:
+        status = authority.certificate_status(row["ca"], row["serial"])
+    else:
+        found = authority.store.status_of(row["ca"], row["serial"])
+        status = found[0] if found else None
     now = _dt.datetime.now(_dt.UTC)
     state = "valid"
-    if status is not None and status[0] == "revoked":
+    if status == "revoked":
         state = "revoked"
     elif now > cert.not_valid_after_utc:
         state = "expired"
@@ -152,7 +162,7 @@ def _sign_checked(
     try:
         if row is None:
             raise NotFound(f"unknown signer {show(signer_label)}; create one with 'hsm-ca codesign new-signer'")
-        info = signer_info(authority, row)
+        info = signer_info(authority, row, verified=True)
         if info["status"] != "valid":
             raise PolicyViolation(f"signer {signer_label!r} is {info['status']}; it cannot sign")
     except HsmCaError as e:

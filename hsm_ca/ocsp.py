@@ -1,11 +1,15 @@
 """The OCSP responder (RFC 6960, RFC 5019 profile).
 
-Answers come from the database, never from a CRL. Requests without a nonce
-get a pre-signed response from a cache (RFC 5019 style), so the HSM signs at
-most once per certificate per cache interval; a revocation bumps the store's
-revocation epoch, which empties the cache at the next request, in this process
-or any other. Requests with a nonce are signed fresh so the nonce can be
-echoed. Every signature is one audit record.
+Answers come from the database, never from a CRL, and only where the database
+agrees with the audit trail: each process proves a CA's revoked rows against
+the trail once (hsm_ca.trailstate) and then follows the trail record by record,
+so a revoked certificate whose row was edited back to valid is answered
+``internalError``, never good, and a row the CA's key never signed is never
+vouched for. Requests without a nonce get a pre-signed response from a cache
+(RFC 5019 style), so the HSM signs at most once per certificate per cache
+interval; a revocation recorded in the trail empties the cache at the next
+request, in this process or any other. Requests with a nonce are signed fresh
+so the nonce can be echoed. Every signature is one audit record.
 
 A fresh signature costs an HSM operation and a durable audit row, so a client
 must not be able to ask for them without bound. With ``ocsp_nonces = "ignore"``
@@ -32,6 +36,7 @@ from __future__ import annotations
 import datetime as _dt
 import hashlib
 import ipaddress
+import logging
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -46,6 +51,8 @@ from hsm_ca.errors import HsmCaError
 from hsm_ca.revocation import reason_flag
 from hsm_ca.serials import format_serial
 from hsm_ca.x509util import signature_hash_for
+
+_log = logging.getLogger("hsm_ca.ocsp")
 
 if TYPE_CHECKING:
     from hsm_ca.authority import Authority, CaRecord
@@ -223,7 +230,10 @@ class OcspResponder:
         # SHA-1 request (openssl: "No Status found"; a soft-failing client then accepts).
         self._cache: OrderedDict[_CacheKey, tuple[float, OcspAnswer]] = OrderedDict()
         self.max_cached = max_cached
-        self._epoch = -1
+        self._revoked_counts: dict[str, int] = {}
+        # serial -> SHA-256 of a certificate whose signature verified with its CA's key
+        # (bounded; a hit costs nothing, a miss one signature verification)
+        self._verified: OrderedDict[str, str] = OrderedDict()
         self.signatures = 0
 
     # -------------------------------------------------------------- lookup
@@ -268,14 +278,23 @@ class OcspResponder:
         from hsm_ca.authority import CertificateAuthority
 
         ca = authority.get_ca(ca_name)
+        # the CA's certificate is a database row: its key must be the HSM's (else Tampered),
+        # so answers never name a CA certificate someone swapped in
+        authority.issuer_checker()(ca_name)
         responder_cert = None
         if row is not None:
             cert = x509.load_pem_x509_certificate(row["pem"].encode())
-            status = authority.store.status_of(ca_name, row["serial"])
-            if cert.not_valid_after_utc > now and status is not None and status[0] == "valid":
+            status = authority.certificate_status(ca_name, row["serial"])
+            if cert.not_valid_after_utc > now and status == "valid" \
+                    and self._genuine(ca, cert, row["serial"]):
                 responder_cert = cert
         if responder_cert is not None:
             handle = authority.engine().get_key(row["key_label"])  # type: ignore[index]
+            if _spki(handle.public_key()) != _spki(responder_cert.public_key()):
+                from hsm_ca.errors import Tampered
+
+                raise Tampered(f"the OCSP responder certificate of CA {ca_name!r} does not "
+                               "carry its HSM key: the database was edited")
             signer = _Signer(ca, as_private_key(handle), signature_hash_for(handle.key_type),
                              responder_cert, handle.label, row["serial"])  # type: ignore[index]
         else:
@@ -284,6 +303,34 @@ class OcspResponder:
                              handle.label, row["serial"] if row is not None else None)
         self._signers[ca_name] = signer
         return signer
+
+    def _genuine(self, ca: CaRecord, row: Any, serial: str) -> bool:
+        """Whether the row's certificate was signed by the CA's key (a forged row is not).
+
+        ``row`` is a certificates row (with ``pem`` and ``sha256``) or a parsed
+        certificate. The CA's certificate is proven to carry its HSM key when
+        the signer is made, so only the HSM can have made a signature that
+        verifies here.
+        """
+        from hsm_ca.trailstate import check_certificate
+        from hsm_ca.x509util import pem_sha256
+
+        if isinstance(row, x509.Certificate):
+            cert, sha = row, hashlib.sha256(row.public_bytes(serialization.Encoding.DER)).hexdigest()
+        else:
+            sha = row["sha256"]
+            if self._verified.get(serial) == sha:
+                return True
+            if not row["pem"] or pem_sha256(row["pem"]) != sha:
+                return False
+            cert = x509.load_pem_x509_certificate(row["pem"].encode())
+        if cert.serial_number != int(serial, 16) or check_certificate(cert, ca.certificate):
+            return False
+        self._verified[serial] = sha
+        self._verified.move_to_end(serial)
+        while len(self._verified) > self.max_cached:
+            self._verified.popitem(last=False)
+        return True
 
     # ------------------------------------------------------------- respond
     def respond(self, data: bytes, ca_hint: str | None = None,
@@ -350,18 +397,22 @@ class OcspResponder:
         and anything else ``tryLater``; either way it is counted once.
         """
         store = self.authority.store
-        epoch = store.revocation_epoch()
-        if epoch != self._epoch:  # something was revoked: cached answers and signers may be stale
-            self._cache.clear()
+        # the CA's revocations as the audit trail says (proven against the rows once per
+        # process, then advanced record by record): an edited row cannot make a revoked
+        # certificate good, here or in the cache
+        view = self.authority.revocation_view(ca_name)
+        count = len(view.revoked)
+        if self._revoked_counts.setdefault(ca_name, count) != count:
+            self._cache.clear()  # something was revoked: cached answers and signers may be stale
             self._signers.clear()
-            self._epoch = epoch
+            self._revoked_counts[ca_name] = count
         key = (ca_name, req.hash_algorithm.name, req.issuer_name_hash, req.issuer_key_hash,
                req.serial_number)
         now_mono = time.monotonic()
         if nonce is None and self.cache_seconds and (hit := self._cached(key, now_mono)):
             return hit
         serial = format_serial(req.serial_number)
-        status_row = store.status_of(ca_name, serial)
+        status_row = store.certificate_row(ca_name, serial)
         shareable = status_row is not None and bool(self.cache_seconds)
         cacheable = shareable and self._has_room(key, now_mono)
         if (nonce is not None or not cacheable) and not self._may_sign(client):
@@ -387,14 +438,33 @@ class OcspResponder:
         keep = min(float(self.cache_seconds), (min(ends) - now).total_seconds())
         revocation_time = None
         reason = None
+        rev = view.revoked.get(serial)
+        problem = None
         if status_row is None:
             cert_status, label = ocsp.OCSPCertStatus.UNKNOWN, "unknown"
-        elif status_row[0] == "revoked":
+            if rev is not None:
+                problem = "is recorded revoked but has no row"
+        elif rev is not None:
             cert_status, label = ocsp.OCSPCertStatus.REVOKED, "revoked"
-            revocation_time = _dt.datetime.fromisoformat(status_row[1])  # type: ignore[arg-type]
-            reason = reason_flag(status_row[2]) if status_row[2] != "unspecified" else None
+            if status_row["status"] != "revoked" or not rev.agrees(
+                    status_row["revoked_at"], status_row["revocation_reason"],
+                    status_row["invalidity_date"]):
+                problem = f"is recorded revoked, but its row says {status_row['status']}"
+            else:  # the row agrees with the trail: its time is the trail's (to the second)
+                revocation_time = _dt.datetime.fromisoformat(status_row["revoked_at"])
+                reason = reason_flag(rev.reason) if rev.reason != "unspecified" else None
+        elif status_row["status"] != "valid":
+            problem = f"is {status_row['status']} in its row, but no revocation is recorded"
+        elif not self._genuine(signer.ca, status_row, serial):
+            problem = "has a row whose certificate its CA's key never signed"
         else:
             cert_status, label = ocsp.OCSPCertStatus.GOOD, "good"
+        if problem is not None:
+            # nothing is signed for a row that disagrees with the trail: not good, and not
+            # revoked either on the strength of an edited row
+            _log.warning("OCSP: certificate %s of CA %s %s: the database was edited; "
+                         "answering internalError", serial, ca_name, problem)
+            return OcspAnswer(INTERNAL_ERROR, status="internalError")
         builder = ocsp.OCSPResponseBuilder().add_response_by_hash(
             issuer_name_hash=req.issuer_name_hash, issuer_key_hash=req.issuer_key_hash,
             serial_number=req.serial_number, algorithm=req.hash_algorithm,
@@ -422,6 +492,11 @@ class OcspResponder:
             self._cache.pop(key, None)  # re-inserted at the end: the order stays expiry order
             self._cache[key] = (now_mono + keep, answer)
         return answer
+
+
+def _spki(key: Any) -> bytes:
+    return key.public_bytes(serialization.Encoding.DER,  # type: ignore[no-any-return]
+                            serialization.PublicFormat.SubjectPublicKeyInfo)
 
 
 def _public_key_bits(cert: x509.Certificate) -> bytes:

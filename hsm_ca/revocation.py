@@ -24,8 +24,9 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
 from hsm_ca.engine.keys import as_private_key
-from hsm_ca.errors import NotFound, PolicyViolation, UsageError
+from hsm_ca.errors import NotFound, PolicyViolation, Tampered, UsageError
 from hsm_ca.serials import format_serial, parse_serial
+from hsm_ca.trailstate import digest_text, revocation_detail, verified_revocations
 from hsm_ca.x509util import rfc3339, signature_hash_for
 
 if TYPE_CHECKING:
@@ -150,9 +151,10 @@ def revoke(
             raise PolicyViolation(f"certificate {serial} is already revoked")
         inv = rfc3339(invalidity_date) if invalidity_date else None
         store.revoke(serial, rfc3339(now), reason, inv)
+        # the record carries every field of the row's revocation: the row is checked against it
         audit.append(actor, "revoke", "revoked", ca=row["ca"], serial=serial,
                      subject=row["subject"], profile=row["profile"],
-                     detail=f"reason={reason}" + (f" invalidity_date={inv}" if inv else ""))
+                     detail=revocation_detail(reason, rfc3339(now), inv))
     return RevocationResult(serial, row["ca"], reason, rfc3339(now), inv)
 
 
@@ -170,6 +172,7 @@ def sign_crl(authority: Authority, ca_name: str, *, delta: bool = False) -> CrlR
     store, audit, actor = authority.store, authority.audit, authority.actor()
     ca: CaRecord = authority.get_ca(ca_name)
     handle = CertificateAuthority(authority, ca).key_handle()  # log in before burning a number
+    audit_key = authority.audit_public_key()
     profile = authority.profiles.get("root-ca" if ca.parent is None else "intermediate-ca")
     if ca.not_after <= _dt.datetime.now(_dt.UTC):
         problem = f"CA {ca_name!r} has expired; it cannot sign CRLs"
@@ -192,9 +195,23 @@ def sign_crl(authority: Authority, ca_name: str, *, delta: bool = False) -> CrlR
         # delta repeat entries of its base): OpenSSL without -extended_crl takes the
         # newest CRL in scope as complete, even a delta, and one listing only the
         # changes since its base let a certificate revoked before the base verify OK.
-        rows = store.revoked_entries(ca_name)
-        audit.append(actor, "crl", "intent", ca=ca_name, key_label=ca.key_label,
-                     detail=f"{'delta' if delta else 'full'} CRL number {number}")
+        # The rows are proven to be what the audit trail says before anything is signed
+        # (an edited row must not drop out of the CRL); their digest goes into the
+        # intent record, where the next CRL's proof starts.
+        try:
+            view = verified_revocations(store, ca_name, audit_key)
+        except Tampered as e:
+            problem = str(e)
+            view = None
+        if view is not None:
+            rows = view.rows
+            audit.append(actor, "crl", "intent", ca=ca_name, key_label=ca.key_label,
+                         detail=f"{'delta' if delta else 'full'} CRL number {number}; "
+                                + digest_text(view.count, view.digest))
+    if view is None:
+        audit.append(actor, "crl", "refused", ca=ca_name, key_label=ca.key_label,
+                     detail=f"the CRL was not signed: {problem}")
+        raise Tampered(problem)
     # Entries are built in one tight loop (a million of them is the case to be fast for);
     # extension objects are shared between entries, and "unspecified" is omitted (RFC 5280).
     reason_exts: dict[str | None, list[x509.Extension[x509.ExtensionType]]] = {

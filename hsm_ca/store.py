@@ -22,7 +22,7 @@ from hsm_ca.errors import ConfigError
 if TYPE_CHECKING:
     import sqlite_utils
 
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 _EPOCH = _dt.datetime(1970, 1, 1, tzinfo=_dt.UTC)
 
 
@@ -150,8 +150,13 @@ def _migration_4(db: sqlite_utils.Database) -> None:
     db["certificates"].create_index(["ca", "profile", "csr_sha256"])
 
 
+def _migration_5(db: sqlite_utils.Database) -> None:
+    # a CA's revoked rows in serial order, as their digest in a CRL intent record is taken
+    db["certificates"].create_index(["ca", "status", "serial"])
+
+
 MIGRATIONS: dict[int, Callable[[sqlite_utils.Database], None]] = {
-    1: _migration_1, 2: _migration_2, 3: _migration_3, 4: _migration_4,
+    1: _migration_1, 2: _migration_2, 3: _migration_3, 4: _migration_4, 5: _migration_5,
 }
 
 
@@ -373,14 +378,14 @@ class Store:
     def revoked_entries(
         self, ca: str, after_epoch: int | None = None
     ) -> list[tuple[str, str, str, str | None]]:
-        """(serial, revoked_at, reason, invalidity_date) of a CA's revoked certificates."""
+        """(serial, revoked_at, reason, invalidity_date) of a CA's revoked certificates, by serial."""
         sql = ("SELECT serial, revoked_at, revocation_reason, invalidity_date FROM certificates "
                "WHERE ca=? AND status='revoked'")
         args: list[Any] = [ca]
         if after_epoch is not None:
             sql += " AND revoked_epoch > ?"
             args.append(after_epoch)
-        return self.conn.execute(sql, args).fetchall()
+        return self.conn.execute(sql + " ORDER BY serial", args).fetchall()
 
     def status_of(self, ca: str, serial: str) -> tuple[str, str | None, str | None] | None:
         """(status, revoked_at, reason) when ``ca`` issued ``serial``, else None."""
@@ -389,6 +394,13 @@ class Store:
             (serial, ca),
         ).fetchone()
         return (row[0], row[1], row[2]) if row else None
+
+    def certificate_row(self, ca: str, serial: str) -> dict[str, Any] | None:
+        """What an OCSP answer is built from: the state columns, the PEM and its digest."""
+        rows = self._rows(
+            "SELECT status, revoked_at, revocation_reason, invalidity_date, sha256, pem "
+            "FROM certificates WHERE serial=? AND ca=?", [serial, ca])
+        return rows[0] if rows else None
 
     def next_crl_number(self, ca: str, now: _dt.datetime) -> int:
         """Reserve the CA's next CRL number (call inside a transaction; never reused).

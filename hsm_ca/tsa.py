@@ -108,8 +108,9 @@ class TimeStampAuthority:
         now = _dt.datetime.now(_dt.UTC)
         if now > self.cert.not_valid_after_utc:
             raise PolicyViolation("the time-stamping authority's certificate has expired")
-        status = self.authority.store.status_of(self.row["ca"], self.row["serial"])
-        if status is not None and status[0] == "revoked":
+        # as the audit trail says (an edited row raises Tampered), not as the row alone says
+        status = self.authority.certificate_status(self.row["ca"], self.row["serial"])
+        if status == "revoked":
             raise PolicyViolation("the time-stamping authority's certificate is revoked")
         handle = self._key()
         store, audit, actor = self.authority.store, self.authority.audit, self.authority.actor()

@@ -1061,6 +1061,7 @@ authorityKeyIdentifier = keyid
         new_home(home).close()
         t0 = time.perf_counter()
         populate_revoked(home / "ca.db", "issuing", n)
+        seal_revoked(home, "issuing")
         log(f"  {n:,} revoked certificates inserted with SQL in {time.perf_counter() - t0:.1f}s")
         return home
 
@@ -1429,6 +1430,29 @@ def populate_revoked(db: Path, ca: str, n: int) -> None:
         con.execute("COMMIT")
     finally:
         con.close()
+
+
+def seal_revoked(home: Path, ca: str) -> None:
+    """Make the SQL-inserted rows the state the trail vouches for, as a CRL would.
+
+    The rows bypassed the trail, so CRL signing would rightly refuse them as
+    edited. A CRL's intent record carries the digest of the CA's revoked rows
+    and the next CRL proves its rows from there; the fixture records that
+    digest the same way and signs a checkpoint over it, so the timed CRL is
+    what every CRL after a home's first is: a proof from the last digest.
+    """
+    import hsm_ca
+    from hsm_ca.trailstate import digest_text, revoked_digest
+
+    authority = hsm_ca.open_home(home, pin=USER_PIN)
+    try:
+        with authority.store.transaction():
+            count, digest = revoked_digest(authority.store.revoked_entries(ca))
+            authority.audit.append(authority.actor(), "crl", "intent", ca=ca,
+                                   detail="benchmark fixture; " + digest_text(count, digest))
+        authority.checkpoint("benchmark fixture")
+    finally:
+        authority.close()
 
 
 # ------------------------------------------------------------------ CRL workers

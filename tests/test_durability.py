@@ -524,7 +524,7 @@ def test_four_processes_at_once_all_succeed_and_add_up(home: Path, tmp_path: Pat
             # reserved once (one intent record each), the counter at the highest of them
             assert stored == sorted(numbers) == sorted(set(numbers)), ca
             reserved = sorted(
-                int(detail.rsplit(" ", 1)[1])
+                int(detail.split("CRL number ", 1)[1].split(";", 1)[0])
                 for (detail,) in conn.execute(
                     "SELECT detail FROM audit WHERE action='crl' AND outcome='intent' AND ca=?",
                     (ca,),

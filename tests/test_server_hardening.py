@@ -461,8 +461,20 @@ def test_crl_routes_resolve_to_exactly_one_ca_and_kind(
     hsm(h, "ca", "create-root", "legacy", "--subject", "CN=Foo Delta Root")
     with sqlite3.connect(h / "ca.db") as db:
         db.execute("UPDATE cas SET name = 'foo-delta' WHERE name = 'legacy'")
-        for table in ("certificates", "serials", "crls"):
+        for table in ("certificates", "serials", "crls", "audit"):
             db.execute(f"UPDATE {table} SET ca = 'foo-delta' WHERE ca = 'legacy'")
+        # the trail says so too (as the old home's trail would), re-chained: the CA checks
+        # certificate rows against the trail, and the home has no signed checkpoint yet
+        from hsm_ca.audit import FIELDS, GENESIS, chain_value
+
+        assert not db.execute("SELECT 1 FROM audit WHERE action='checkpoint'").fetchone()
+        prev = GENESIS
+        for row in db.execute(f"SELECT {', '.join(FIELDS)} FROM audit ORDER BY seq").fetchall():
+            record = dict(zip(FIELDS, row, strict=True))
+            prev = chain_value(prev, record)
+            db.execute("UPDATE audit SET chain=? WHERE seq=?", (prev, record["seq"]))
+        db.execute("UPDATE meta SET value=json_object('seq', (SELECT max(seq) FROM audit), "
+                   "'chain', ?) WHERE key='audit_head'", (prev,))
     legacy = Home(h, tmp_path, h, h, h, (h / "hsm-ca.toml").read_text())
     with Server(legacy) as srv:
         cases = {
