@@ -275,6 +275,8 @@ def sign_crl(authority: Authority, ca_name: str, *, delta: bool = False) -> CrlR
     if linted is not None and crl.tbs_certlist_bytes != linted:
         from hsm_ca.errors import EngineError
 
+        audit.append(actor, "crl", "failed", ca=ca_name, key_label=ca.key_label,
+                     detail=f"CRL number {number}: the signed CRL differs from the linted one")
         raise EngineError("the signed CRL differs from the one that was linted")
     # (each of these re-encodes the whole CRL: about 0.8 s at a million entries)
     der = crl.public_bytes(serialization.Encoding.DER)

@@ -236,4 +236,6 @@ def test_a_signed_tbs_other_than_the_linted_one_is_refused(
     r = soft_pki("crl", "issuing")
     assert r.code == 1 and "linted" in r.err, (r.code, r.out, r.err)
     assert _count(soft_pki, "crls") == crls
+    last = json.loads(soft_pki.ok("--json", "audit", "list").out)[-1]
+    assert (last["action"], last["outcome"]) == ("crl", "failed") and "linted" in last["detail"]
     soft_pki.ok("audit", "verify")
