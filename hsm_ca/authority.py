@@ -572,7 +572,8 @@ class Authority:
         key = self.audit_public_key()
         view = views.get(ca_name)
         if view is None:
-            view = views[ca_name] = verified_revocations(self.store, ca_name, key)
+            view = views[ca_name] = verified_revocations(self.store, ca_name, key, with_map=True)
+            view.rows = []  # the map is what is kept; the rows list would double the memory
         else:
             advance(view, self.store, key)
         return view

@@ -249,13 +249,15 @@ def _bases(store: Store, ca: str) -> Iterator[tuple[int, int, str]]:
             yield int(seq), int(m.group(1)), m.group(2)
 
 
-def verified_revocations(store: Store, ca: str, key: Any) -> RevocationView:
+def verified_revocations(store: Store, ca: str, key: Any, *,
+                         with_map: bool = False) -> RevocationView:
     """The CA's revoked rows, after proving they are what the trail says (else Tampered).
 
     ``key`` is the audit key's public key from the HSM (not the certificate
     stored in the database, which whoever edits the database can replace).
     Call inside a transaction when the rows feed something signed, so nothing
-    changes between the check and the use.
+    changes between the check and the use. ``with_map`` fills ``revoked``
+    (serial -> Revocation), which a view kept for OCSP needs and a CRL does not.
     """
     if key is None:
         raise Tampered("no audit key to check the trail's checkpoints with")
@@ -272,28 +274,32 @@ def verified_revocations(store: Store, ca: str, key: Any) -> RevocationView:
     (base, count, digest), (tail, seq, chain) = found
     rows = store.revoked_entries(ca)
     since = {s: r for s, r in tail.revoked.items() if r.ca == ca}
-    kept = []
-    for row in rows:
-        serial, revoked_at, reason, invalidity = row
-        rev = since.pop(serial, None)
-        if rev is None:
-            kept.append(row)
-        elif not rev.agrees(revoked_at, reason, invalidity):
-            raise Tampered(f"certificate {serial} of CA {ca!r} is recorded revoked "
-                           f"({rev.reason}, {rev.revoked_at or rev.recorded}) but its row says "
-                           f"{reason}, {revoked_at}: the database was edited")
-    if since:
-        serial = min(since)
-        raise Tampered(f"the audit trail records certificate {serial} of CA {ca!r} as revoked, "
-                       "but its row is not revoked: the database was edited")
-    if revoked_digest(kept) != (count, digest):
+    kept = rows
+    if since:  # (the common case at a CRL has none: its rows are then the digest's rows)
+        kept = []
+        for row in rows:
+            serial, revoked_at, reason, invalidity = row
+            rev = since.pop(serial, None)
+            if rev is None:
+                kept.append(row)
+            elif not rev.agrees(revoked_at, reason, invalidity):
+                raise Tampered(f"certificate {serial} of CA {ca!r} is recorded revoked "
+                               f"({rev.reason}, {rev.revoked_at or rev.recorded}) but its row "
+                               f"says {reason}, {revoked_at}: the database was edited")
+        if since:
+            serial = min(since)
+            raise Tampered(f"the audit trail records certificate {serial} of CA {ca!r} as "
+                           "revoked, but its row is not revoked: the database was edited")
+    kept_digest = revoked_digest(kept)
+    if kept_digest != (count, digest):
         where = f"CRL intent record {base}" if base else "the audit trail"
         raise Tampered(f"the revoked certificates of CA {ca!r} differ from what {where} and the "
                        "revocations recorded since say: the database was edited")
-    total, now_digest = revoked_digest(rows)
-    revoked = {}
-    for serial, revoked_at, reason, invalidity in rows:
-        revoked[serial] = Revocation(ca, revoked_at, reason, invalidity, revoked_at)
+    total, now_digest = kept_digest if kept is rows else revoked_digest(rows)
+    revoked: dict[str, Revocation] = {}
+    if with_map:
+        for serial, revoked_at, reason, invalidity in rows:
+            revoked[serial] = Revocation(ca, revoked_at, reason, invalidity, revoked_at)
     return RevocationView(ca, seq, chain, revoked, rows, total, now_digest)
 
 
