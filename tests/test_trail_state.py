@@ -354,3 +354,79 @@ def test_audit_verify_checks_every_certificate_signature(soft_pki: Cli, tmp_path
     r = cli.ok("audit", "verify")
     # 2 CA certificates and 3 leaves
     assert "5 certificate(s) match the trail's records" in r.out, r.out
+
+
+# ------------------------------------------- guards the mutants script found unprotected
+def test_an_edited_revocation_since_the_last_crl_is_refused(soft_pki: Cli, tmp_path: Path) -> None:
+    """The revocation is in the walked tail (after the last CRL's digest), not in the digest."""
+    cli = soft_pki
+    first, second = issue_tls(cli, tmp_path, 2)
+    cli.ok("revoke", first)
+    cli.ok("crl", "issuing")
+    cli.ok("revoke", second, "--reason", "keyCompromise")
+    with _db(cli) as db:
+        db.execute("UPDATE certificates SET revocation_reason='superseded' WHERE serial=?",
+                   (second,))
+    crls = _crl_count(cli)
+    r = cli("crl", "issuing")
+    assert r.code == 1 and second in r.err and "edited" in r.err, r.err
+    assert _crl_count(cli) == crls  # refused before signing, not only at the checkpoint after
+
+
+def test_a_swapped_ca_certificate_alone_fails_verify(soft_pki: Cli, tmp_path: Path) -> None:
+    """A CA with no leaves yet: only the comparison of the stored CA certificate with its
+    recorded certificate row notices that it was replaced."""
+    import datetime as dt
+
+    cli = soft_pki
+    issuer = _issuer(cli)
+    key = ec.generate_private_key(ec.SECP256R1())
+    now = dt.datetime.now(dt.UTC)
+    fake = (x509.CertificateBuilder().subject_name(issuer.subject).issuer_name(issuer.issuer)
+            .public_key(key.public_key()).serial_number(issuer.serial_number)
+            .not_valid_before(now).not_valid_after(now + dt.timedelta(days=300))
+            .sign(key, hashes.SHA256()))
+    with _db(cli) as db:
+        db.execute("UPDATE cas SET pem=? WHERE name='issuing'",
+                   (fake.public_bytes(serialization.Encoding.PEM).decode(),))
+    r = cli("audit", "verify")
+    assert r.code == 1 and "swapped" in r.err, r.err
+
+
+def test_a_row_holding_another_genuine_certificate_is_not_checkpointed(
+        soft_pki: Cli, tmp_path: Path) -> None:
+    """Both certificates are genuine (their signatures verify), but row B now holds A's:
+    only the comparison with B's issued record notices."""
+    cli = soft_pki
+    cli.ok("audit", "checkpoint")
+    a, b = issue_tls(cli, tmp_path, 2)
+    with _db(cli) as db:
+        pem, sha = db.execute("SELECT pem, sha256 FROM certificates WHERE serial=?", (a,)).fetchone()
+        db.execute("UPDATE certificates SET pem=?, sha256=? WHERE serial=?", (pem, sha, b))
+    r = cli("audit", "checkpoint")
+    assert r.code == 1 and b in r.err and "issued" in r.err, r.err
+    assert cli("audit", "verify").code == 1
+
+
+def test_ocsp_refuses_a_revoked_row_the_trail_does_not_know(
+        soft_pki: Cli, tmp_path: Path, responder: OcspResponder) -> None:
+    """Signing "revoked" for a row marked so by an edit would be the CA vouching for a
+    revocation it never made: internalError instead."""
+    cli = soft_pki
+    serial, other = issue_tls(cli, tmp_path, 2)
+    issuer = _issuer(cli)
+    # the responder proves the CA's rows on its first request, before the edit
+    assert _ocsp(responder, _cert(cli, other), issuer).certificate_status == \
+        ocsp.OCSPCertStatus.GOOD
+    with _db(cli) as db:
+        db.execute("UPDATE certificates SET status='revoked', revoked_at='2026-01-01T00:00:00Z', "
+                   "revocation_reason='keyCompromise' WHERE serial=?", (serial,))
+    resp = _ocsp(responder, _cert(cli, serial), issuer)
+    assert resp.response_status == ocsp.OCSPResponseStatus.INTERNAL_ERROR
+    # a responder started after the edit refuses to prove the CA's rows at all
+    auth = Authority(load_config(cli.home), pin=lambda: USER_PIN)
+    try:
+        resp = _ocsp(OcspResponder(auth, cache_seconds=300), _cert(cli, other), issuer)
+        assert resp.response_status == ocsp.OCSPResponseStatus.TRY_LATER
+    finally:
+        auth.close()
