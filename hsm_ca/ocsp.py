@@ -7,8 +7,10 @@ so a revoked certificate whose row was edited back to valid is answered
 ``internalError``, never good, and a row the CA's key never signed is never
 vouched for. Requests without a nonce get a pre-signed response from a cache
 (RFC 5019 style), so the HSM signs at most once per certificate per cache
-interval; a revocation recorded in the trail empties the cache at the next
-request, in this process or any other. Requests with a nonce are signed fresh
+interval and CertID hash (SHA-1, SHA-256, SHA-384, SHA-512: an answer names the
+CertID it was asked with, so each is its own cache entry); a revocation
+recorded in the trail empties the cache at the next request, in this process
+or any other. Requests with a nonce are signed fresh
 so the nonce can be echoed. Every signature is one audit record.
 
 A fresh signature costs an HSM operation and a durable audit row, so a client
@@ -26,9 +28,9 @@ limit a nonce request gets the cached answer without the nonce, which RFC
 response" and verifies it; browsers send no nonce at all), whereas ``tryLater``
 makes them fail or soft-fail; only what has no shared answer gets ``tryLater``.
 Answers from the cache, and filling it for an issued certificate (at most one
-signature per certificate per cache interval), are never limited. The buckets
-live in this process's memory: they bound signatures per ``serve`` process,
-not per home.
+signature per certificate and CertID hash per cache interval), are never
+limited. The buckets live in this process's memory: they bound signatures per
+``serve`` process, not per home.
 """
 
 from __future__ import annotations
@@ -231,6 +233,7 @@ class OcspResponder:
         self._cache: OrderedDict[_CacheKey, tuple[float, OcspAnswer]] = OrderedDict()
         self.max_cached = max_cached
         self._revoked_counts: dict[str, int] = {}
+        self._next_sweep = 0.0
         # serial -> SHA-256 of a certificate whose signature verified with its CA's key
         # (bounded; a hit costs nothing, a miss one signature verification)
         self._verified: OrderedDict[str, str] = OrderedDict()
@@ -380,6 +383,15 @@ class OcspResponder:
             if self._cache[oldest][0] > now_mono:
                 break
             del self._cache[oldest]
+        if key not in self._cache and len(self._cache) >= self.max_cached \
+                and now_mono >= self._next_sweep:
+            # answers kept shorter (their signer expires sooner) sit behind longer ones, so
+            # expired ones can hide past the front: sweep them all, at most once a second
+            # (a sweep walks the whole cache; a full cache of live answers is not swept
+            # on every request)
+            self._next_sweep = now_mono + 1.0
+            for dead in [k for k, (expires, _) in self._cache.items() if expires <= now_mono]:
+                del self._cache[dead]
         return key in self._cache or len(self._cache) < self.max_cached
 
     def _answer(self, req: ocsp.OCSPRequest, ca_name: str, nonce: bytes | None,

@@ -24,6 +24,10 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 STATE_TESTS = ["tests/test_trail_state.py"]
+AUDIT_TESTS = ["tests/test_audit.py", "tests/test_audit_splices.py", "tests/test_guards.py"]
+KEYSTORE_TESTS = ["tests/test_engine.py", "tests/test_engine_hardening.py",
+                  "tests/test_hsm_admin.py"]
+KS = "hsm_ca/engine/soft/keystore.py"
 
 # (name, file, exact text, replacement, tests)
 MUTANTS: list[tuple[str, str, str, str, list[str]]] = [
@@ -80,6 +84,41 @@ MUTANTS: list[tuple[str, str, str, str, list[str]]] = [
     ("ocsp: follows the trail", "hsm_ca/trailstate.py",
      "        if rev.ca == view.ca:\n            view.revoked[serial] = rev",
      "        if False:\n            view.revoked[serial] = rev", STATE_TESTS),
+    ("ocsp: a full cache sweeps dead answers", "hsm_ca/ocsp.py",
+     "                and now_mono >= self._next_sweep:", "                and False:",
+     ["tests/test_ocsp.py"]),
+    # ---------------------------------------------------------------- audit (issue 13)
+    ("audit: chain value checked", "hsm_ca/audit.py",
+     "if chain_value(prev, record) != record[\"chain\"]:", "if False:", AUDIT_TESTS),
+    ("audit: checkpoint signs its own position", "hsm_ca/audit.py",
+     "if seq != record[\"seq\"] - 1:", "if False:", AUDIT_TESTS),
+    ("audit: checkpoint signs the chain before it", "hsm_ca/audit.py",
+     "if chain != prev_chain:", "if False:", AUDIT_TESTS),
+    ("audit: checkpoint of this trail", "hsm_ca/audit.py",
+     "if walk.trail is not None and trail != walk.trail:", "if False:", AUDIT_TESTS),
+    ("audit: anchors", "hsm_ca/audit.py",
+     "if seq in anchors and anchors.pop(seq) != record[\"chain\"]:",
+     "if seq in anchors and anchors.pop(seq) and False:", AUDIT_TESTS),
+    ("audit: export ends signed", "hsm_ca/audit.py",
+     "    if count > walk.last_checkpoint:\n        return AuditReport(",
+     "    if False:\n        return AuditReport(", AUDIT_TESTS),
+    ("audit: export checkpoint reason", "hsm_ca/audit.py",
+     "if info.get(\"reason\") != EXPORT_REASON:", "if False:", AUDIT_TESTS),
+    ("audit: duplicate keys", "hsm_ca/audit.py",
+     "        if key in record:\n            raise ValueError", "        if False:\n            raise ValueError",
+     AUDIT_TESTS),
+    # ------------------------------------------------------------- keystore (issue 13)
+    ("keystore: MAC checked", KS,
+     "        if not hmac.compare_digest(mac, expected):\n            raise Tampered(f\"HSM keystore",
+     "        if False:\n            raise Tampered(f\"HSM keystore", KEYSTORE_TESTS),
+    ("keystore: locked user refused", KS,
+     "if frec[\"locked\"] or frec[\"failed_logins\"] >= MAX_FAILED_LOGINS:",
+     "if frec[\"failed_logins\"] > MAX_FAILED_LOGINS:", KEYSTORE_TESTS),
+    ("keystore: lockout set", KS,
+     "                    if frec[\"failed_logins\"] >= MAX_FAILED_LOGINS:\n                        frec[\"locked\"] = True",
+     "                    if False:\n                        frec[\"locked\"] = True", KEYSTORE_TESTS),
+    ("keystore: attempt noted before it is judged", KS,
+     "journal.mark(user)  # the attempt is noted before it is judged", "pass", KEYSTORE_TESTS),
     ("crl: proven rows are signed", "hsm_ca/revocation.py",
      "            view = verified_revocations(store, ca_name, audit_key)",
      "            view = None\n            raise Tampered('x')", STATE_TESTS),

@@ -651,6 +651,33 @@ def test_an_attempt_left_unsettled_counts_as_a_failure(
     cli.ok("audit", "verify")
 
 
+def test_a_login_killed_while_judging_has_noted_its_attempt(
+    soft_pki: Cli, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The note must be written before the PIN is judged: a process killed while judging
+    (here: the unwrap raises SystemExit, as a kill would end it) must still have counted,
+    or killing each guess mid-judge would make guesses free. (scripts/mutants.py found no
+    test failing with the note removed.)"""
+    from hsm_ca.engine.soft.keystore import SoftEngine
+
+    cli = soft_pki
+    journal = cli.home / ".hsm.attempt"
+
+    def killed(self: Any, state: Any, name: str, kek: bytes) -> bytes | None:
+        raise SystemExit(137)
+
+    with monkeypatch.context() as m:
+        m.setattr(SoftEngine, "_unwrap", killed)
+        m.setenv("HSM_CA_PIN", "wrong-pin-1")
+        with pytest.raises(SystemExit):
+            cli("crl", "issuing")
+    assert journal.read_bytes() != b""  # the attempt was noted, never settled
+    with monkeypatch.context() as m:
+        m.setenv("HSM_CA_PIN", "wrong-pin-2")
+        r = cli("crl", "issuing")
+    assert r.code == 1 and "3 attempts left" in r.err, r.err  # the killed one, then this one
+
+
 @pytest.mark.parametrize("kind", ["fifo", "symlink", "deleted"])
 def test_a_journal_that_is_not_a_regular_file_is_refused_a_deleted_one_remade(
     soft_pki: Cli, tmp_path: Path, kind: str

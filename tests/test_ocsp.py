@@ -222,6 +222,32 @@ def test_never_issued_serials_cannot_push_issued_answers_out(pki: Cli) -> None:
         auth.close()
 
 
+def test_expired_answers_behind_live_ones_do_not_keep_the_cache_full(pki: Cli) -> None:
+    """An answer kept shorter (its signer expires sooner) sits behind longer-lived ones, and
+    only the front was dropped when it expired: dead answers could fill the cache and make
+    every fill beyond it rationed. A full cache now sweeps its dead answers (once a second)."""
+    import time
+
+    from hsm_ca.ocsp import TokenBuckets
+
+    auth = Authority(load_config(pki.home), pin=lambda: USER_PIN)
+    try:
+        issuer = _issuer(pki)
+        certs = [_issue(pki, f"swept{i}") for i in range(4)]
+        r = OcspResponder(auth, cache_seconds=300, max_cached=3, limiter=TokenBuckets(0.0, 0))
+        for c in certs[:3]:
+            r.respond(_request(c, issuer), client="192.0.2.9")
+        keys = list(r._cache)
+        for k in keys[1:]:  # the two behind the front expired (as if their signer had)
+            r._cache[k] = (time.monotonic() - 1, r._cache[k][1])
+        answer = ocsp.load_der_ocsp_response(
+            r.respond(_request(certs[3], issuer), client="192.0.2.9").der)
+        assert answer.response_status == ocsp.OCSPResponseStatus.SUCCESSFUL
+        assert answer.certificate_status == ocsp.OCSPCertStatus.GOOD and len(r._cache) == 2
+    finally:
+        auth.close()
+
+
 def test_cached_answer_matches_the_requests_certid_exactly(
     responder: tuple[OcspResponder, Cli],
 ) -> None:
