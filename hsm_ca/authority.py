@@ -466,8 +466,13 @@ class Authority:
         return handle
 
     def audit_public_key(self) -> Any:
-        """The audit key's public key as the HSM holds it: what internal checks trust."""
-        return self._audit_key().public_key()
+        """The audit key's public key as the HSM holds it: what internal checks trust.
+
+        Read from the HSM once per process (the OCSP path asks on every request)."""
+        key = self.__dict__.get("_audit_public")
+        if key is None:
+            key = self.__dict__["_audit_public"] = self._audit_key().public_key()
+        return key
 
     def audit_certificate(self) -> x509.Certificate:
         """The audit signer's certificate (created on first use), for offline verification."""
